@@ -1,0 +1,146 @@
+"""C++/OpenMP backend of the fused head: JIT build of ``csrc/papo_head.cpp`` and its autograd wrapper.
+
+The extension is compiled on first use with ninja through ``torch.utils.cpp_extension.load`` into
+``$TORCH_EXTENSIONS_DIR`` if set, else ``~/.cache/papo_engine/torch_extensions``.  The sources are found through
+the ``papo_kernels.csrc`` package, so the editable install and a wheel behave the same.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .reference import LogprobEntropyOutput, PapoHeadOutput, check_inputs
+
+_EXT = None
+_ERROR: Optional[str] = None
+_LOCK = threading.Lock()
+
+
+def _sources() -> list[str]:
+    from . import csrc
+
+    return [str(Path(csrc.__file__).resolve().parent / "papo_head.cpp")]
+
+
+def _build_dir() -> str:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "papo_engine", "torch_extensions")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def load(verbose: bool = False):
+    """Build (first call) and import the extension; raises RuntimeError with a clear message on failure."""
+    global _EXT, _ERROR
+    with _LOCK:
+        if _EXT is not None:
+            return _EXT
+        if _ERROR is not None:
+            raise RuntimeError(_ERROR)
+        try:
+            cxx = os.environ.get("CXX", "c++")
+            if shutil.which(cxx) is None:
+                raise RuntimeError(f"no C++ compiler found (looked for {cxx!r} on PATH; set CXX or install g++)")
+            src = _sources()
+            if not os.path.exists(src[0]):
+                raise RuntimeError(f"missing source {src[0]}")
+            from torch.utils import cpp_extension
+
+            if not cpp_extension.is_ninja_available():
+                raise RuntimeError("ninja is not installed (pip install ninja)")
+            _EXT = cpp_extension.load(
+                name="papo_head_cpp",
+                sources=src,
+                extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=_build_dir(),
+                verbose=verbose,
+            )
+        except Exception as exc:  # noqa: BLE001 — any build failure becomes one clear message
+            _ERROR = f"building the papo_kernels C++ extension failed: {exc}"
+            raise RuntimeError(_ERROR) from exc
+        return _EXT
+
+
+def is_available() -> bool:
+    try:
+        load()
+        return True
+    except RuntimeError:
+        return False
+
+
+def build_error() -> Optional[str]:
+    return _ERROR
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# autograd wrapper
+# ---------------------------------------------------------------------------------------------------------------
+class _CppHead(torch.autograd.Function):
+    """Fused head on the CPU (one or two policies); all math in ``csrc/papo_head.cpp``.
+
+    Forward:  lp = a_y − lse_a, lq = b_y − lse_b, H_a = lse_a − E_p[a], H_b = lse_b − E_q[b],
+              KL = E_p[a − b] − (lse_a − lse_b), with a = h_o·Wᵀ/τ, b = h_m·Wᵀ/τ, never stored as [N, V].
+    Backward: dA = g_lp·(1_y − p) − g_Ha·p·(a − E_p[a]) + g_KL·p·(δ − E_p[δ])
+              dB = g_lq·(1_y − q) − g_Hb·q·(b − E_q[b]) + g_KL·(q − p)
+              dh_o = dA·W/τ, dh_m = dB·W/τ, dW = (dAᵀ·h_o + dBᵀ·h_m)/τ, by recomputing the logits per tile.
+    Outputs that receive no gradient are treated as zero, and a branch with no gradient is not recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, hidden_masked, weight, targets, temperature, block_v, chunk_n):
+        ext = load()
+        two = hidden_masked is not None
+        inv_t = 1.0 / float(temperature)
+        y = targets.long().contiguous()
+        h_o = hidden.contiguous()
+        h_m = hidden_masked.contiguous() if two else None
+        w = weight.contiguous()
+        outs, stats = ext.forward(h_o, h_m, w, y, inv_t, block_v, chunk_n)
+        ctx.save_for_backward(h_o, h_m, w, y, outs, stats)
+        ctx.two, ctx.inv_t, ctx.block_v, ctx.chunk_n = two, inv_t, block_v, chunk_n
+        ctx.set_materialize_grads(False)
+        out_dtype = torch.float64 if outs.dtype == torch.float64 else torch.float32
+        return tuple(o.to(out_dtype) for o in outs.unbind(0))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        h_o, h_m, w, y, outs, stats = ctx.saved_tensors
+        two = ctx.two
+        n = h_o.shape[0]
+        none = (None,) * 7
+        if all(g is None for g in grads):
+            return none
+        g = torch.stack([gg.to(outs.dtype) if gg is not None else torch.zeros(n, dtype=outs.dtype) for gg in grads])
+        if two:
+            # branch a gets gradient from lp, H_a, KL; branch b from lq, H_b, KL
+            do_a = any(grads[i] is not None for i in (0, 2, 4))
+            do_b = any(grads[i] is not None for i in (1, 3, 4))
+        else:
+            do_a, do_b = True, False
+        need_h, need_hm, need_w = ctx.needs_input_grad[0], two and ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dh, dhm, dw = load().backward(h_o, h_m, w, y, outs, stats, g, ctx.inv_t, need_h, need_hm, need_w,
+                                      do_a, do_b, ctx.block_v, ctx.chunk_n)
+        return (dh.to(h_o.dtype) if need_h else None,
+                dhm.to(h_m.dtype) if need_hm else None,
+                dw.to(w.dtype) if need_w else None,
+                None, None, None, None)
+
+
+def papo_head_cpp(hidden: torch.Tensor, hidden_masked: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  temperature: float = 1.0, block_v: int = 0, chunk_n: int = 0) -> PapoHeadOutput:
+    """Two-policy fused head on CPU tensors (block_v / chunk_n = 0: the defaults in papo_head.cpp)."""
+    check_inputs(hidden, hidden_masked, weight, targets)
+    return PapoHeadOutput(*_CppHead.apply(hidden, hidden_masked, weight, targets, temperature, block_v, chunk_n))
+
+
+def logprob_entropy_cpp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        temperature: float = 1.0, block_v: int = 0, chunk_n: int = 0) -> LogprobEntropyOutput:
+    check_inputs(hidden, None, weight, targets)
+    return LogprobEntropyOutput(*_CppHead.apply(hidden, None, weight, targets, temperature, block_v, chunk_n))

@@ -1,0 +1,346 @@
+"""Typed configuration: dataclasses, YAML loading, dotted command-line overrides, one-line errors.
+
+The dataclass defaults ARE the embedded tiny CPU default (`configs/tiny_cpu.yaml` spells them out).
+Every field carries its allowed values in `metadata` so a bad value is reported as
+"<key>=<value>: <what is allowed>" and the CLI exits with code 2, no traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line naming the key, the value and what is allowed."""
+
+
+def _f(default, *, choices=None, low=None, high=None, low_open=False, high_open=False, help=""):
+    """A dataclass field with its allowed range/choices attached (checked in `_check_value`)."""
+    meta = dict(choices=choices, low=low, high=high, low_open=low_open, high_open=high_open, help=help)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = _f(None, help="local Hugging Face Qwen2.5-VL directory; null builds the tiny model")
+    dtype: str = _f("float32", choices=["float32", "bfloat16"], help="training and rollout dtype")
+    attn_implementation: str = _f("sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    gradient_checkpointing: bool = _f(False)
+    # tiny model shape (ignored when `path` is set)
+    hidden_size: int = _f(96, low=8)
+    num_layers: int = _f(2, low=1)
+    num_heads: int = _f(4, low=1)
+    num_kv_heads: int = _f(2, low=1)
+    intermediate_size: int = _f(256, low=8)
+    vision_depth: int = _f(2, low=1)
+    vision_hidden_size: int = _f(48, low=8)
+    vision_heads: int = _f(2, low=1)
+
+
+@dataclass
+class DataConfig:
+    task: str = _f("shape_color", choices=["shape_color", "shape_count"], help="generated vision task")
+    image_size: int = _f(56, low=28, help="pixels per side; a multiple of 28")
+    train_size: int = _f(4096, low=1)
+    eval_size: int = _f(200, low=1)
+    seed: int = _f(0)
+    min_pixels: int = _f(3136, low=784)
+    max_pixels: int = _f(1003520, low=784)
+
+
+@dataclass
+class RewardConfig:
+    function: str = _f("papo_engine.rewards.accuracy_format_reward",
+                       help="dotted path to fn(response: str, answer: str) -> dict with 'reward'")
+    accuracy_weight: float = _f(0.9, low=0.0, high=1.0)
+    format_weight: float = _f(0.1, low=0.0, high=1.0)
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = _f("hf", choices=["hf", "vllm"])
+    n: int = _f(8, low=1, help="responses per prompt (>= 2 for group advantages)")
+    temperature: float = _f(1.0, low=0.0, low_open=True)
+    top_p: float = _f(1.0, low=0.0, high=1.0, low_open=True)
+    max_new_tokens: int = _f(24, low=1)
+    batch_size: int = _f(64, low=1, help="sequences per generate call")
+
+
+@dataclass
+class MaskConfig:
+    ratio: float = _f(0.6, low=0.0, high=1.0, low_open=True, help="fraction of units blackened")
+    unit: str = _f("merge", choices=["merge", "patch"], help="merge = 2x2 patches (28 px), patch = 14 px")
+    fill: str = _f("black", choices=["black", "mean", "noise"])
+
+
+@dataclass
+class AlgoConfig:
+    advantage: str = _f("grpo", choices=["grpo"])
+    norm_adv_by_std: bool = _f(True)
+    clip_ratio_low: float = _f(0.2, low=0.0, high=1.0)
+    clip_ratio_high: float = _f(0.3, low=0.0)
+    dual_clip: float | None = _f(3.0, low=1.0, low_open=True, help="dual-clip constant c > 1, null = off")
+    loss_agg: str = _f("token-mean", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+    ref_kl_coef: float = _f(0.0, low=0.0, help="beta; > 0 keeps a frozen reference model")
+    ref_kl_estimator: str = _f("k3", choices=["k1", "k2", "k3"])
+    gamma: float = _f(0.02, low=0.0, help="perception-KL weight")
+    gamma_schedule: str = _f("constant", choices=["constant", "linear"])
+    gamma_final: float = _f(0.0, low=0.0, help="gamma at the last step when gamma_schedule=linear")
+    perception_kl: str = _f("k3", choices=["k1", "k2", "k3", "full"])
+    perception_kl_clamp: float | None = _f(None, low=0.0, low_open=True, help="clamp KL_prcp to [0, c]")
+    eta_orig: float = _f(0.0, low=0.0, help="entropy weight, original-image branch")
+    eta_mask: float = _f(0.0, low=0.0, help="entropy weight, masked-image branch")
+    entropy_form: str = _f("nll", choices=["nll", "full"])
+    masked_grad: bool = _f(True, help="gradient through the masked branch (false = authors' computation)")
+    official: bool = _f(False, help="reproduce the authors' computation exactly")
+    dynamic_sampling: bool = _f(False, help="DAPO: drop groups whose rewards are all equal, regenerate")
+    dynamic_sampling_max_rounds: int = _f(20, low=1)
+    overlong_buffer: int = _f(0, low=0, help="DAPO overlong penalty buffer in tokens, 0 = off")
+    overlong_penalty: float = _f(1.0, low=0.0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(2e-3, low=0.0, low_open=True)
+    weight_decay: float = _f(0.0, low=0.0)
+    betas: list = _f([0.9, 0.99])
+    grad_clip: float = _f(1.0, low=0.0, low_open=True)
+    warmup_steps: int = _f(0, low=0)
+
+
+@dataclass
+class WarmupConfig:
+    """Supervised warm-start on the answer FORMAT (labels drawn at random, so it teaches no answer)."""
+    steps: int = _f(60, low=0, help="0 disables the stage")
+    batch_size: int = _f(32, low=1)
+    lr: float = _f(3e-3, low=0.0, low_open=True)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = _f(0, choices=[0, 1, 2, 3])
+    offload_optimizer: bool = _f(False)
+    offload_params: bool = _f(False)
+
+
+@dataclass
+class KernelConfig:
+    fused_head: bool = _f(True, help="fused lm_head -> log-probs/entropy/KL, no [tokens x vocab] logits")
+    backend: str = _f("auto", choices=["auto", "torch", "triton", "cpp"])
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = _f(100, low=1)
+    prompts_per_step: int = _f(16, low=1)
+    micro_batch_size: int = _f(64, low=1, help="sequences per update micro-batch (per rank)")
+    ppo_epochs: int = _f(1, low=1)
+    seed: int = _f(0)
+    output_dir: str = _f("runs/tiny_cpu")
+    eval_every: int = _f(0, low=0, help="0 = evaluate only at the end")
+    eval_samples: int = _f(200, low=1)
+    save_final: bool = _f(True)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = _f(True)
+    project: str = _f("papo-engine")
+    run_name: str | None = _f(None)
+    plot: bool = _f(True)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# value checking
+
+
+def _allowed_text(meta: dict, ftype) -> str:
+    if meta.get("choices") is not None:
+        return "one of " + ", ".join(str(c) for c in meta["choices"])
+    parts = []
+    if meta.get("low") is not None:
+        parts.append(("> " if meta["low_open"] else ">= ") + str(meta["low"]))
+    if meta.get("high") is not None:
+        parts.append(("< " if meta["high_open"] else "<= ") + str(meta["high"]))
+    return f"a {_type_name(ftype)}" + (" " + " and ".join(parts) if parts else "")
+
+
+def _type_name(ftype) -> str:
+    args = [a for a in typing.get_args(ftype) if a is not type(None)]
+    base = args[0] if args else ftype
+    name = getattr(base, "__name__", str(base))
+    return ("null or " + name) if type(None) in typing.get_args(ftype) else name
+
+
+def _coerce(key: str, value: Any, ftype, meta: dict) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming key, value and what is allowed."""
+    allowed = _allowed_text(meta, ftype)
+    optional = type(None) in typing.get_args(ftype)
+    base = [a for a in typing.get_args(ftype) if a is not type(None)]
+    base = base[0] if base else ftype
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and base is not str):
+        if optional:
+            return None
+        raise ConfigError(f"{key}={value!r}: must be {allowed}")
+    try:
+        if base is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                value = value.lower() in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise TypeError
+        elif base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            value = int(value)
+        elif base is float:
+            if isinstance(value, bool):
+                raise TypeError
+            value = float(value)
+        elif base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            value = str(value)
+        elif base is list:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, list):
+                raise TypeError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r}: must be {allowed}") from None
+    _check_value(key, value, meta, allowed)
+    return value
+
+
+def _check_value(key: str, value, meta: dict, allowed: str) -> None:
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ConfigError(f"{key}={value!r}: must be {allowed}")
+    low, high = meta.get("low"), meta.get("high")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if low is not None and (value < low or (meta["low_open"] and value == low)):
+            raise ConfigError(f"{key}={value!r}: must be {allowed}")
+        if high is not None and (value > high or (meta["high_open"] and value == high)):
+            raise ConfigError(f"{key}={value!r}: must be {allowed}")
+
+
+def _set(cfg, dotted: str, value, *, source: str) -> None:
+    parts = dotted.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(obj)}
+        if part not in names:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"{source}: unknown key '{dotted}' (valid keys in {where}: {', '.join(names)})")
+        f = names[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(f.type if not isinstance(f.type, str) else getattr(obj, part)):
+                raise ConfigError(f"{source}: '{dotted}' is a section; set one of its keys, e.g. {dotted}.<key>")
+            setattr(obj, part, _coerce(dotted, value, _field_type(obj, part), dict(f.metadata)))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"{source}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
+
+
+def _field_type(obj, name: str):
+    return typing.get_type_hints(type(obj))[name]
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            items.extend(_flatten(v, key + "."))
+        else:
+            items.append((key, v))
+    return items
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Build a Config from the defaults, an optional YAML file and `key.sub=value` overrides, then validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} malformed YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(tree).__name__}")
+        for key, value in _flatten(tree):
+            _set(cfg, key, value, source=str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else raw
+        _set(cfg, key.strip(), value, source="command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks, each a one-line ConfigError."""
+    if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
+        raise ConfigError(f"model.path={cfg.model.path!r}: directory not found")
+    if cfg.model.path is None and cfg.data.image_size % 28 != 0:
+        raise ConfigError(f"data.image_size={cfg.data.image_size}: must be a multiple of 28 (2x2 patches of 14 px)")
+    if cfg.rollout.n < 2:
+        raise ConfigError(f"rollout.n={cfg.rollout.n}: must be >= 2 for group-normalized advantages")
+    if cfg.model.num_heads % cfg.model.num_kv_heads or cfg.model.hidden_size % cfg.model.num_heads:
+        raise ConfigError(f"model.num_heads={cfg.model.num_heads}, model.num_kv_heads={cfg.model.num_kv_heads}, "
+                          f"model.hidden_size={cfg.model.hidden_size}: heads must divide hidden size and kv heads")
+    if cfg.reward.accuracy_weight + cfg.reward.format_weight <= 0:
+        raise ConfigError("reward.accuracy_weight + reward.format_weight must be > 0")
+    if cfg.rollout.backend == "vllm":
+        import importlib.util
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("rollout.backend='vllm': vllm is not installed (pip install 'papo-engine[gpu]' on a CUDA machine)")
+    b = cfg.algo.dual_clip
+    if b is not None and b <= 1.0:
+        raise ConfigError(f"algo.dual_clip={b}: must be > 1 or null")
+
+
+def config_help() -> str:
+    """Every key with its default and what is allowed, for `papo train --help`."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        obj = getattr(Config(), section.name)
+        for f in dataclasses.fields(obj):
+            meta = dict(f.metadata)
+            default = getattr(obj, f.name)
+            allowed = _allowed_text(meta, _field_type(obj, f.name))
+            extra = f" — {meta['help']}" if meta.get("help") else ""
+            lines.append(f"  {section.name}.{f.name}={default!r}  ({allowed}){extra}")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Process-group setup that works the same under `python`, `torchrun` and the `deepspeed` launcher.
+
+A plain `python` run gets single-process rendezvous variables so DeepSpeed does not try MPI discovery; on a
+machine without CUDA the CPU accelerator and gloo are used.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_environment() -> None:
+    """Environment defaults that must be in place before deepspeed/triton are imported."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                          os.path.join(os.path.expanduser("~"), ".cache", "papo_engine", "torch_extensions"))
+    if "RANK" not in os.environ:  # plain `python`: one process
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed; returns (rank, world_size)."""
+    prepare_environment()
+    import deepspeed
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def all_reduce_sum(value: float | torch.Tensor) -> float:
+    import torch.distributed as dist
+    t = torch.as_tensor(value, dtype=torch.float64, device="cpu" if not torch.cuda.is_available() else device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return float(t)
+
+
+def is_main() -> bool:
+    import torch.distributed as dist
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -1,0 +1,88 @@
+"""The DeepSpeed training engine: ZeRO stage from config, AdamW, gradient clipping, explicit accumulation.
+
+The loss arriving here is already normalized by the GLOBAL number of response tokens, so gradients are
+summed over micro-batches (`scale_wrt_gas=False`) and the accumulation boundary is set by the caller:
+results do not depend on the number of ranks or micro-batches.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import Config
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    zero = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.deepspeed.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    if cfg.deepspeed.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,
+        "gradient_accumulation_steps": 1,  # boundaries are set explicitly per step
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    ds["train_batch_size"] = cfg.trainer.micro_batch_size * world_size
+    if cfg.model.dtype == "bfloat16":
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+class TrainingEngine:
+    """Owns the DeepSpeed engine; `module` is the (possibly ZeRO-partitioned) HF model."""
+
+    def __init__(self, model, cfg: Config, world_size: int):
+        import deepspeed
+
+        self.cfg = cfg
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                      weight_decay=cfg.optim.weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size))
+        self.zero_stage = cfg.deepspeed.zero_stage
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last_micro_batch)
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        """Optimizer step (clipping inside DeepSpeed); returns the pre-clip global gradient norm."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def full_state_dict(self) -> dict | None:
+        """Full weights on rank 0 (gathered from ZeRO-3 partitions when needed); None on other ranks."""
+        if self.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        import torch.distributed as dist
+        if dist.get_rank() != 0:
+            return None
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def save_pretrained(self, path: Path, tokenizer, image_processor) -> None:
+        """A Hugging Face model directory (weights + config + tokenizer + processor config) on rank 0."""
+        import torch.distributed as dist
+        state = self.full_state_dict()
+        if dist.get_rank() == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            self.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(path)
+            image_processor.save_pretrained(path)
+        dist.barrier()

@@ -1,0 +1,150 @@
+"""Random patch masking of Qwen2/2.5-VL `pixel_values`, on the model's own patch grid.
+
+Layout (verified against transformers' `Qwen2VLImageProcessorPil.patchify` and the torch processor, and by
+`tests/test_masking.py` on a real image): `pixel_values` is [num_patches, C·T·P·P] (C=3, T=2, P=14), images
+concatenated in order, image i owning t·h·w consecutive rows (`image_grid_thw[i] = (t, h, w)` in patches).
+Within an image the rows are ordered (t, h/m, w/m, m, m): every m² = 4 consecutive rows are the 2×2 patches of
+one merge unit (28×28 pixels, one LLM token). Each row is a flattened [C, T, P, P] block, so a row viewed as
+[C, T·P·P] holds one channel per line.
+
+Masking replaces whole rows (units of 4 rows = 28 px with unit="merge", single rows = 14 px with
+unit="patch") by the fill value IN NORMALIZED SPACE: "black" = (0 − mean_c)/std_c per channel (what the
+processor produces for a black pixel), "mean" = 0 (the channel mean), "noise" = N(0, 1) per value.
+The token layout (`input_ids`, `image_grid_thw`) is unchanged, so original and masked sequences batch together.
+
+Mask draw: one independent Bernoulli(ratio) per unit (the authors' "each square black with probability p").
+It is unbiased for any image size (an exact per-image count would round, e.g. 0.6 × 4 units → 2 = 50%), and
+the masked fraction over many units concentrates at p.
+
+One mask per prompt, shared by its n rollouts: mask the prompt batch ONCE (before the rollout repeat), then
+repeat rows with `repeat_for_rollouts` — `mask_per_prompt` does both. Use a fresh generator state every step.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# Qwen2/2.5-VL image processor defaults (OpenAI CLIP statistics)
+QWEN_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+QWEN_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+UNITS = ("merge", "patch")
+FILLS = ("black", "mean", "noise")
+
+
+def black_value(image_mean: Sequence[float], image_std: Sequence[float], dtype=torch.float32,
+                device=None) -> Tensor:
+    """Normalized value of a black pixel per channel, [C]: (0 − mean_c) / std_c."""
+    mean = torch.tensor(list(image_mean), dtype=torch.float64)
+    std = torch.tensor(list(image_std), dtype=torch.float64)
+    return ((0.0 - mean) / std).to(dtype=dtype, device=device)
+
+
+def _check_layout(pixel_values: Tensor, image_grid_thw: Tensor, merge_size: int) -> None:
+    if pixel_values.dim() != 2:
+        raise ValueError(f"pixel_values must be 2-D [num_patches, C*T*P*P], got shape {tuple(pixel_values.shape)}")
+    rows = image_grid_thw.prod(dim=-1)
+    if int(rows.sum()) != pixel_values.shape[0]:
+        raise ValueError(f"image_grid_thw covers {int(rows.sum())} patches but pixel_values has "
+                         f"{pixel_values.shape[0]} rows")
+    if bool((image_grid_thw[:, 1:] % merge_size != 0).any()):
+        raise ValueError(f"image_grid_thw h and w must be multiples of merge_size={merge_size}")
+
+
+def mask_pixel_values(pixel_values: Tensor, image_grid_thw: Tensor, ratio: float, unit: str = "merge",
+                      fill: str = "black", image_mean: Sequence[float] = QWEN_IMAGE_MEAN,
+                      image_std: Sequence[float] = QWEN_IMAGE_STD, generator: torch.Generator | None = None,
+                      merge_size: int = 2) -> tuple[Tensor, Tensor]:
+    """Mask random units of every image; returns (masked_pixel_values, unit_mask).
+
+        unit_mask[u] ~ Bernoulli(ratio)   for every unit u (merge: m² consecutive rows; patch: one row)
+        masked[row]  = fill               if its unit is masked, else pixel_values[row] (bit-identical)
+
+    `unit_mask` is a BoolTensor [num_units] in row order (num_units = num_patches / m² for "merge").
+    Random draws come from `generator` (CPU or on pixel_values' device); the input is never modified.
+    """
+    if unit not in UNITS:
+        raise ValueError(f"unit={unit!r}: must be one of {', '.join(UNITS)}")
+    if fill not in FILLS:
+        raise ValueError(f"fill={fill!r}: must be one of {', '.join(FILLS)}")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio={ratio}: must be in [0, 1]")
+    _check_layout(pixel_values, image_grid_thw, merge_size)
+    num_rows, dim = pixel_values.shape
+    channels = len(image_mean)
+    if dim % channels:
+        raise ValueError(f"row width {dim} is not a multiple of {channels} channels")
+    rows_per_unit = merge_size * merge_size if unit == "merge" else 1
+    num_units = num_rows // rows_per_unit
+    draw_device = generator.device if generator is not None else pixel_values.device
+
+    unit_mask = torch.rand(num_units, generator=generator, device=draw_device) < ratio
+    unit_mask = unit_mask.to(pixel_values.device)
+    row_mask = unit_mask.repeat_interleave(rows_per_unit)  # [num_rows]
+
+    if fill == "noise":
+        k = int(row_mask.sum())
+        noise = torch.randn(k, dim, generator=generator, device=draw_device).to(pixel_values)
+        masked = pixel_values.clone()
+        masked[row_mask] = noise
+        return masked, unit_mask
+    if fill == "black":
+        per_channel = black_value(image_mean, image_std, pixel_values.dtype, pixel_values.device)
+    else:  # "mean": the channel mean is 0 after normalization
+        per_channel = torch.zeros(channels, dtype=pixel_values.dtype, device=pixel_values.device)
+    fill_row = per_channel.repeat_interleave(dim // channels)  # row layout [C, T, P, P] -> channel-major
+    masked = torch.where(row_mask[:, None], fill_row[None, :], pixel_values)
+    return masked, unit_mask
+
+
+def _block_repeat_index(block_sizes: Tensor, n: int) -> Tensor:
+    """Row index that repeats each contiguous block n times in place: [b0]*n, [b1]*n, ... (vectorized)."""
+    block_sizes = block_sizes.to(torch.long)
+    starts = torch.cumsum(block_sizes, 0) - block_sizes
+    lengths = block_sizes.repeat_interleave(n)
+    rep_starts = starts.repeat_interleave(n)
+    total = int(lengths.sum())
+    block_id = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    offset = torch.arange(total) - (torch.cumsum(lengths, 0) - lengths)[block_id]
+    return rep_starts[block_id] + offset
+
+
+def repeat_for_rollouts(pixel_values: Tensor, image_grid_thw: Tensor, n: int,
+                        images_per_prompt: Sequence[int] | Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Repeat each prompt's image rows n times, prompt-major, to match responses laid out [g*n + k].
+
+    Prompt g owns `images_per_prompt[g]` consecutive images (default: one image per prompt) and their rows.
+    Returns (pixel_values [n·num_patches, D], image_grid_thw [n·num_images, 3]); sequence g*n + k sees exactly
+    prompt g's rows. Applied to masked pixel values it shares one mask across the n rollouts of a prompt.
+    """
+    num_images = image_grid_thw.shape[0]
+    if images_per_prompt is None:
+        images_per_prompt = torch.ones(num_images, dtype=torch.long)
+    ipp = torch.as_tensor(images_per_prompt, dtype=torch.long).cpu()
+    if int(ipp.sum()) != num_images:
+        raise ValueError(f"images_per_prompt sums to {int(ipp.sum())}, image_grid_thw has {num_images} images")
+    rows_per_image = image_grid_thw.prod(dim=-1).to(torch.long).cpu()
+    image_prompt = torch.repeat_interleave(torch.arange(ipp.numel()), ipp)
+    rows_per_prompt = torch.zeros(ipp.numel(), dtype=torch.long).index_add_(0, image_prompt, rows_per_image)
+    row_idx = _block_repeat_index(rows_per_prompt, n).to(pixel_values.device)
+    img_idx = _block_repeat_index(ipp, n).to(image_grid_thw.device)
+    return pixel_values.index_select(0, row_idx), image_grid_thw.index_select(0, img_idx)
+
+
+def mask_per_prompt(pixel_values: Tensor, image_grid_thw: Tensor, n: int, ratio: float, unit: str = "merge",
+                    fill: str = "black", image_mean: Sequence[float] = QWEN_IMAGE_MEAN,
+                    image_std: Sequence[float] = QWEN_IMAGE_STD, generator: torch.Generator | None = None,
+                    merge_size: int = 2, images_per_prompt: Sequence[int] | Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """Mask the PROMPT batch once, then repeat for the n rollouts: every rollout of a prompt shares its mask.
+
+    Input: the un-repeated prompt batch (pixel_values of all prompts' images, image_grid_thw, images_per_prompt).
+    Returns (masked pixel_values repeated [n·num_patches, D], image_grid_thw repeated, unit_mask of the prompt
+    batch [num_units]). Repeat the original pixel_values with `repeat_for_rollouts` the same way.
+    """
+    masked, unit_mask = mask_pixel_values(pixel_values, image_grid_thw, ratio, unit, fill, image_mean,
+                                          image_std, generator, merge_size)
+    masked_rep, thw_rep = repeat_for_rollouts(masked, image_grid_thw, n, images_per_prompt)
+    return masked_rep, thw_rep, unit_mask

@@ -1,0 +1,38 @@
+"""The rollout interface every backend implements (verl-style role: it never sees DeepSpeed or the loss)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+import torch
+
+from ..models import PromptBatch
+
+
+@dataclass
+class SamplingParams:
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+
+@dataclass
+class RolloutOutput:
+    """n responses per prompt, prompt-major: row g*n + k is the k-th response to prompt g."""
+    response_ids: torch.Tensor    # [B*n, R], pad after the end
+    response_mask: torch.Tensor   # [B*n, R] float, 1 up to and including the eos token
+    texts: list[str]              # decoded responses, special tokens removed
+
+
+class RolloutBackend(Protocol):
+    def generate(self, prompts: PromptBatch, sampling: SamplingParams) -> RolloutOutput: ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for tokens up to and including the first eos, 0 after it (generate pads finished rows)."""
+    is_eos = response_ids == eos_id
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    return (~after_eos).float()

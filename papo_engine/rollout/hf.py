@@ -1,0 +1,61 @@
+"""HF `generate` rollout (the CPU default): samples from the trainer's own module, so no weight copy is needed.
+
+Under ZeRO-3 every rank must take part in every forward (parameters are gathered collectively), so
+`synced_gpus=True` keeps ranks generating until all have finished.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from ..batching import repeat_prompts, select_prompts
+from ..models import PromptBatch, mm_token_type_ids
+from ..prompts import VISION_TOKENS
+from .base import RolloutOutput, SamplingParams, response_mask_from_ids
+
+
+class HFRollout:
+    def __init__(self, model, tokenizer, batch_size: int, synced_gpus: bool = False):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.synced_gpus = batch_size, synced_gpus
+        # a sampled <|image_pad|> would claim image features that do not exist
+        self.suppress = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Nothing to copy: generation runs on the training module itself."""
+
+    @staticmethod
+    def _sampling_kwargs(sampling: SamplingParams) -> dict:
+        if sampling.temperature == 0:  # greedy (evaluation)
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+
+    @torch.no_grad()
+    def generate(self, prompts: PromptBatch, sampling: SamplingParams) -> RolloutOutput:
+        num_prompts = len(prompts.images_per_prompt)
+        per_call = max(1, self.batch_size // sampling.n)  # whole prompts per generate call
+        pieces = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, num_prompts, per_call):
+                chunk = repeat_prompts(select_prompts(prompts, list(range(start, min(start + per_call, num_prompts)))),
+                                       sampling.n)
+                out = self.model.generate(
+                    input_ids=chunk.input_ids, attention_mask=chunk.attention_mask,
+                    pixel_values=chunk.pixel_values.to(self.model.dtype), image_grid_thw=chunk.image_grid_thw,
+                    mm_token_type_ids=mm_token_type_ids(chunk.input_ids, self.model.config.image_token_id),
+                    **self._sampling_kwargs(sampling),
+                    max_new_tokens=sampling.max_new_tokens, synced_gpus=self.synced_gpus,
+                    suppress_tokens=self.suppress,
+                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+                pieces.append(out[:, chunk.input_ids.shape[1]:])
+        finally:
+            self.model.train(was_training)
+        width = max(p.shape[1] for p in pieces)
+        pad = self.tokenizer.pad_token_id
+        response_ids = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in pieces])
+        mask = response_mask_from_ids(response_ids, self.tokenizer.eos_token_id)
+        texts = self.tokenizer.batch_decode(response_ids.masked_fill(mask == 0, pad), skip_special_tokens=True)
+        return RolloutOutput(response_ids, mask, texts)

@@ -1,0 +1,123 @@
+"""Metrics out: one JSON line per step (flushed, so nothing is lost on a crash), W&B, and the final PNG plot.
+
+W&B runs offline when no API key is configured and online when one is; if W&B cannot start (no network,
+bad key) training goes on with one warning — logging never stops a run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+class Tracker:
+    def __init__(self, output_dir: Path, config: dict, use_wandb: bool, project: str, run_name: str | None,
+                 enabled: bool = True):
+        self.enabled = enabled
+        self.metrics_path = output_dir / "metrics.jsonl"
+        self.wandb_run = None
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self._file = self.metrics_path.open("a")
+        if use_wandb:
+            self.wandb_run = self._start_wandb(output_dir, config, project, run_name)
+
+    @staticmethod
+    def _start_wandb(output_dir: Path, config: dict, project: str, run_name: str | None):
+        try:
+            import wandb
+        except ImportError:
+            warnings.warn("wandb is not installed: metrics go to metrics.jsonl only")
+            return None
+        mode = os.environ.get("WANDB_MODE") or ("online" if _has_wandb_key() else "offline")
+        kwargs = dict(project=project, name=run_name, config=config, dir=str(output_dir),
+                      settings=wandb.Settings(silent=True, console="off"))
+        try:
+            return wandb.init(mode=mode, **kwargs)
+        except Exception as err:  # network, key, quota: fall back, never stop training
+            if mode == "offline":
+                warnings.warn(f"W&B could not start ({err}); metrics go to metrics.jsonl only")
+                return None
+            warnings.warn(f"W&B online failed ({err}); logging offline instead")
+            try:
+                return wandb.init(mode="offline", **kwargs)
+            except Exception as err2:
+                warnings.warn(f"W&B offline failed too ({err2}); metrics go to metrics.jsonl only")
+                return None
+
+    def log(self, step: int, metrics: dict, histograms: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.wandb_run is not None:
+            payload = dict(metrics)
+            if histograms:
+                import wandb
+                payload.update({k: wandb.Histogram(v) for k, v in histograms.items() if len(v)})
+            try:
+                self.wandb_run.log(payload, step=step)
+            except Exception as err:
+                warnings.warn(f"W&B log failed ({err}); disabling W&B for this run")
+                self.wandb_run = None
+
+    def summary(self, values: dict) -> None:
+        if self.enabled and self.wandb_run is not None:
+            self.wandb_run.summary.update(values)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+    @property
+    def wandb_dir(self) -> str | None:
+        return getattr(self.wandb_run, "dir", None) if self.wandb_run is not None else None
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+PLOT_KEYS = [("reward", "reward"), ("accuracy", "accuracy"), ("perception_kl", "perception KL"),
+             ("entropy", "entropy (orig)"), ("masked_entropy", "entropy (masked)"), ("response_length", "response length")]
+
+
+def plot_metrics(metrics_path: Path, png_path: Path, title: str = "") -> Path:
+    """A 2×3 grid of the main curves from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "reward" in r]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    for ax, (key, label) in zip(axes.flat, PLOT_KEYS):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker=".", linewidth=1)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path

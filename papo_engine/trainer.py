@@ -1,0 +1,358 @@
+"""The PAPO loop, and nothing else: rollout → reward → advantages → mask → old log-probs → update → log.
+
+Each phase is a role (rollout backend, reward function, pure algorithms, actor forward, training engine)
+and is timed under its own name in the metrics.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import distributed as dist_utils
+from .actor import SequenceBatch, response_token_stats
+from .algorithms import LossInputs, gamma_at, group_advantages, informative_groups, loss_settings, \
+    overlong_penalty, papo_loss
+from .batching import concat_prompts, repeat_prompts, select_prompts
+from .config import Config, ConfigError
+from .data import GeneratedDataset, chance_accuracy
+from .head import FusedLMHead
+from .masking import mask_per_prompt
+from .models import PromptBatch, encode_prompts, load_image_processor, load_policy, load_tokenizer
+from .rewards import load_reward_fn
+from .rollout.base import SamplingParams
+from .rollout.hf import HFRollout
+from .tracking import Tracker, plot_metrics
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class RewardRole:
+    """Calls the configured reward function; weights are passed only if the function declares them."""
+
+    def __init__(self, cfg: Config):
+        self.fn = load_reward_fn(cfg.reward.function)
+        params = inspect.signature(self.fn).parameters
+        self.kwargs = {k: v for k, v in (("accuracy_weight", cfg.reward.accuracy_weight),
+                                         ("format_weight", cfg.reward.format_weight)) if k in params}
+
+    def __call__(self, texts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
+        rows = [self.fn(t, a, **self.kwargs) for t, a in zip(texts, answers)]
+        keys = rows[0].keys() if rows else ["reward"]
+        return {k: torch.tensor([float(r[k]) for r in rows]) for k in keys}
+
+
+@dataclass
+class Rollouts:
+    """One step's experience, prompt-major (row g*n + k = k-th response to prompt g)."""
+    prompts: PromptBatch     # the B prompts (un-repeated)
+    answers: list[str]
+    sequences: SequenceBatch
+    scores: dict[str, torch.Tensor]
+    texts: list[str]
+
+
+class PAPOTrainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rank, self.world = dist_utils.init_distributed()
+        if cfg.trainer.prompts_per_step % self.world:
+            raise ConfigError(f"trainer.prompts_per_step={cfg.trainer.prompts_per_step}: must be divisible by "
+                              f"the number of ranks ({self.world})")
+        seed_everything(cfg.trainer.seed)
+        self.out_dir = Path(cfg.trainer.output_dir)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.image_processor = load_image_processor(cfg)
+        model = load_policy(cfg.model, self.tokenizer, seed=cfg.trainer.seed)
+        FusedLMHead.replace_in(model, cfg.kernels.fused_head, cfg.kernels.backend)
+        self.train_set = GeneratedDataset(cfg.data.task, "train", cfg.data.train_size, cfg.data.seed,
+                                          cfg.data.image_size)
+        self.eval_set = GeneratedDataset(cfg.data.task, "eval", cfg.data.eval_size, cfg.data.seed,
+                                         cfg.data.image_size)
+        self.reward = RewardRole(cfg)
+        self.tracker = Tracker(self.out_dir, cfg.to_dict(), cfg.logging.wandb, cfg.logging.project,
+                               cfg.logging.run_name, enabled=dist_utils.is_main())
+        self.warmup_log: list[dict] = []
+        if cfg.warmup.steps > 0:
+            from .warmup import format_warmup
+            self.warmup_log = format_warmup(model, self, cfg.warmup)
+        from .engine import TrainingEngine
+        self.engine = TrainingEngine(model, cfg, self.world)
+        self.rollout = HFRollout(self.engine.module, self.tokenizer, cfg.rollout.batch_size,
+                                 synced_gpus=self.world > 1 and cfg.deepspeed.zero_stage == 3)
+        self.sampling = SamplingParams(cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p,
+                                       cfg.rollout.max_new_tokens)
+        self.settings = loss_settings(cfg.algo)
+        self.data_cursor = 0
+
+    # ------------------------------------------------------------------------------------------------------
+    # data
+
+    def next_prompts(self, count: int):
+        """`count` global prompts in a seeded per-epoch order; this rank keeps its contiguous share."""
+        samples = []
+        for _ in range(count):
+            epoch, pos = divmod(self.data_cursor, len(self.train_set))
+            order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(
+                self.cfg.data.seed * 1000 + epoch))
+            samples.append(self.train_set[int(order[pos])])
+            self.data_cursor += 1
+        share = count // self.world
+        return samples[self.rank * share:(self.rank + 1) * share]
+
+    def encode(self, samples):
+        return encode_prompts([s.question for s in samples], [[s.image] for s in samples], self.tokenizer,
+                              self.image_processor)
+
+    # ------------------------------------------------------------------------------------------------------
+    # phases
+
+    def generate(self, samples) -> Rollouts:
+        prompts = self.encode(samples)
+        out = self.rollout.generate(prompts, self.sampling)
+        answers = [s.answer for s in samples for _ in range(self.sampling.n)]
+        scores = self.reward(out.texts, answers)
+        if self.cfg.algo.overlong_buffer > 0:
+            scores["reward"] = scores["reward"] + overlong_penalty(
+                out.response_mask.sum(1), self.sampling.max_new_tokens, self.cfg.algo.overlong_buffer,
+                self.cfg.algo.overlong_penalty)
+        sequences = SequenceBatch(repeat_prompts(prompts, self.sampling.n), out.response_ids, out.response_mask)
+        return Rollouts(prompts, [s.answer for s in samples], sequences, scores, out.texts)
+
+    def collect(self, timer: Timer) -> tuple[Rollouts, dict]:
+        """Generate for this step's prompts; with DAPO dynamic sampling, keep only groups whose rewards differ
+        and regenerate (bounded rounds) until the batch is full again."""
+        per_rank = self.cfg.trainer.prompts_per_step // self.world
+        n = self.sampling.n
+        with timer.phase("rollout"):
+            batch = self.generate(self.next_prompts(self.cfg.trainer.prompts_per_step))
+        info = {}
+        if not self.cfg.algo.dynamic_sampling:
+            return batch, info
+        kept, dropped, rounds = [], 0, 1
+        pieces = [batch]
+        while True:
+            keep = informative_groups(pieces[-1].scores["reward"], n)
+            dropped += int((~keep).sum())
+            kept.extend((len(pieces) - 1, g) for g in torch.nonzero(keep).flatten().tolist())
+            if len(kept) >= per_rank or rounds >= self.cfg.algo.dynamic_sampling_max_rounds:
+                break
+            with timer.phase("rollout"):
+                pieces.append(self.generate(self.next_prompts(self.cfg.trainer.prompts_per_step)))
+            rounds += 1
+        info = {"dynamic_sampling/dropped_groups": dropped, "dynamic_sampling/rounds": rounds,
+                "dynamic_sampling/kept_groups": min(len(kept), per_rank)}
+        if not kept:  # nothing informative at all: train on the last batch (zero advantages, no-op pg)
+            return pieces[-1], info
+        kept = kept[:per_rank]
+        return self._merge_groups(pieces, kept), info
+
+    def _merge_groups(self, pieces: list[Rollouts], kept: list[tuple[int, int]]) -> Rollouts:
+        n = self.sampling.n
+        chosen = []
+        for piece_id, g in kept:
+            p = pieces[piece_id]
+            rows = list(range(g * n, (g + 1) * n))
+            seqs = p.sequences
+            chosen.append((select_prompts(p.prompts, [g]), p.answers[g], select_prompts(seqs.prompts, rows),
+                           seqs.response_ids[rows], seqs.response_mask[rows],
+                           {k: v[rows] for k, v in p.scores.items()}, [p.texts[r] for r in rows]))
+        pad = self.tokenizer.pad_token_id
+        width = max(c[3].shape[1] for c in chosen)
+        response_ids = torch.cat([F.pad(c[3], (0, width - c[3].shape[1]), value=pad) for c in chosen])
+        response_mask = torch.cat([F.pad(c[4], (0, width - c[4].shape[1])) for c in chosen])
+        scores = {k: torch.cat([c[5][k] for c in chosen]) for k in chosen[0][5]}
+        return Rollouts(concat_prompts([c[0] for c in chosen], pad), [c[1] for c in chosen],
+                        SequenceBatch(concat_prompts([c[2] for c in chosen], pad), response_ids, response_mask),
+                        scores, [t for c in chosen for t in c[6]])
+
+    def attach_masks(self, batch: Rollouts, step: int) -> torch.Tensor:
+        """One mask per prompt, fresh each step, shared by the prompt's n responses."""
+        gen = torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + step * 101 + self.rank)
+        masked, _, unit_mask = mask_per_prompt(
+            batch.prompts.pixel_values, batch.prompts.image_grid_thw, self.sampling.n, self.cfg.mask.ratio,
+            self.cfg.mask.unit, self.cfg.mask.fill, self.image_processor.image_mean,
+            self.image_processor.image_std, gen, self.image_processor.merge_size, batch.prompts.images_per_prompt)
+        batch.sequences.masked_pixel_values = masked
+        return unit_mask
+
+    def micro_batches(self, total: int):
+        size = self.cfg.trainer.micro_batch_size
+        return [(s, min(s + size, total)) for s in range(0, total, size)]
+
+    @torch.no_grad()
+    def old_stats(self, seqs: SequenceBatch) -> dict[str, torch.Tensor]:
+        """Rollout-time log-probs of both branches in one no-grad forward per micro-batch."""
+        model = self.engine.module
+        parts = [response_token_stats(model, seqs.slice(a, b), both_branches=True,
+                                      temperature=self.sampling.temperature)
+                 for a, b in self.micro_batches(len(seqs))]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def update(self, seqs: SequenceBatch, advantages: torch.Tensor, old: dict, gamma: float) -> dict:
+        model = self.engine.module
+        chunks = self.micro_batches(len(seqs))
+        global_tokens = dist_utils.all_reduce_sum(seqs.response_mask.sum())
+        global_seqs = dist_utils.all_reduce_sum(len(seqs))
+        both = self.settings.masked_grad  # official: masked log-probs are the rollout-time constants
+        sums: dict[str, float] = {}
+        per_seq_kl = []
+        for epoch in range(self.cfg.trainer.ppo_epochs):
+            for i, (a, b) in enumerate(chunks):
+                mb = seqs.slice(a, b)
+                stats = response_token_stats(model, mb, both_branches=both, temperature=self.sampling.temperature)
+                mask = mb.response_mask
+                if self.settings.official:  # the authors: token-mean per micro-batch / accumulation count
+                    token_norm = mask.sum().clamp(min=1) * len(chunks)
+                else:
+                    token_norm = global_tokens
+                inputs = LossInputs(
+                    logprobs=stats["logprobs"], old_logprobs=old["logprobs"][a:b], response_mask=mask,
+                    advantages=advantages[a:b],
+                    masked_logprobs=stats["masked_logprobs"] if both else old["masked_logprobs"][a:b],
+                    entropy=stats["entropy"], masked_entropy=stats["masked_entropy"] if both else
+                    old["masked_entropy"][a:b], full_kl=stats["kl"] if both else old["kl"][a:b],
+                    ref_logprobs=old["ref_logprobs"][a:b] if "ref_logprobs" in old else None)
+                loss, metrics = papo_loss(inputs, self.cfg.algo, gamma, token_normalizer=token_norm,
+                                          seq_normalizer=global_seqs)
+                # DeepSpeed averages gradients over ranks; the loss is already a global mean, so undo that.
+                self.engine.backward(loss * self.world, last_micro_batch=i == len(chunks) - 1)
+                weight = float(mask.sum())
+                for k, v in metrics.items():
+                    if k == "perception_kl_per_seq":
+                        if epoch == 0:
+                            per_seq_kl.append(v.detach().float())
+                        continue
+                    sums[k] = sums.get(k, 0.0) + float(v) * weight
+                sums["loss"] = sums.get("loss", 0.0) + float(loss)
+            grad_norm = self.engine.step()
+        total = float(seqs.response_mask.sum()) * self.cfg.trainer.ppo_epochs
+        out = {f"update/{k}": v / max(total, 1.0) for k, v in sums.items() if k != "loss"}
+        out["update/loss"] = sums.get("loss", 0.0) / self.cfg.trainer.ppo_epochs
+        out["grad_norm"] = grad_norm
+        out["_per_seq_kl"] = torch.cat(per_seq_kl) if per_seq_kl else torch.zeros(0)
+        return out
+
+    # ------------------------------------------------------------------------------------------------------
+    # the loop
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        steps = cfg.trainer.steps
+        bar = tqdm(range(steps), desc="PAPO", disable=not dist_utils.is_main(), dynamic_ncols=True)
+        history = []
+        for step in bar:
+            timer = Timer()
+            step_start = time.perf_counter()
+            batch, info = self.collect(timer)
+            seqs = batch.sequences
+            with timer.phase("advantages"):
+                advantages = group_advantages(batch.scores["reward"], self.sampling.n, cfg.algo.norm_adv_by_std)
+                self.attach_masks(batch, step)
+            with timer.phase("old_logprobs"):
+                old = self.old_stats(seqs)
+            gamma = gamma_at(step, steps, cfg.algo)
+            lr = cfg.optim.lr * min(1.0, (step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps else cfg.optim.lr
+            self.engine.set_lr(lr)
+            with timer.phase("update"):
+                upd = self.update(seqs, advantages, old, gamma)
+            per_seq_kl = upd.pop("_per_seq_kl")
+            mask = seqs.response_mask
+            metrics = {
+                "reward": float(batch.scores["reward"].mean()),
+                **{k: float(v.mean()) for k, v in batch.scores.items() if k != "reward"},
+                "response_length": float(mask.sum(1).mean()),
+                "perception_kl": float((old["kl"] * mask).sum() / mask.sum()),
+                "entropy": float((old["entropy"] * mask).sum() / mask.sum()),
+                "masked_entropy": float((old["masked_entropy"] * mask).sum() / mask.sum()),
+                "clip_fraction": upd.get("update/pg_clipfrac", 0.0),
+                "perception_reliance_mean": float(per_seq_kl.mean()) if len(per_seq_kl) else 0.0,
+                "gamma": gamma, "lr": lr, **upd, **info,
+                **{f"time/{k}": v for k, v in timer.seconds.items()},
+                "time/step": time.perf_counter() - step_start,
+            }
+            metrics = self._reduce_metrics(metrics)
+            if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and step + 1 < steps:
+                metrics["eval/accuracy"] = self.evaluate()
+            self.tracker.log(step, metrics, histograms={"perception_reliance": per_seq_kl.tolist()})
+            history.append(metrics)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics.get('accuracy', 0):.2f}",
+                            kl=f"{metrics['perception_kl']:.3f}")
+        return self.finish(history)
+
+    def _reduce_metrics(self, metrics: dict) -> dict:
+        if self.world == 1:
+            return metrics
+        return {k: dist_utils.all_reduce_sum(v) / self.world if isinstance(v, (int, float)) else v
+                for k, v in metrics.items()}
+
+    @torch.no_grad()
+    def evaluate(self, samples: int | None = None) -> float:
+        """Greedy held-out accuracy (each rank a share, summed)."""
+        count = min(samples or self.cfg.trainer.eval_samples, len(self.eval_set))
+        mine = list(range(self.rank, count, self.world))
+        correct = 0.0
+        greedy = SamplingParams(1, 0.0, 1.0, self.sampling.max_new_tokens)
+        for start in range(0, len(mine), self.cfg.rollout.batch_size):
+            chunk = [self.eval_set[i] for i in mine[start:start + self.cfg.rollout.batch_size]]
+            out = self.rollout.generate(self.encode(chunk), greedy)
+            scores = self.reward(out.texts, [s.answer for s in chunk])
+            correct += float(scores.get("accuracy", scores["reward"]).sum())
+        return dist_utils.all_reduce_sum(correct) / count
+
+    def finish(self, history: list[dict]) -> dict:
+        cfg = self.cfg
+        summary = {"steps": len(history), "chance_accuracy": chance_accuracy(cfg.data.task)}
+        with_bar = tqdm(total=1, desc="held-out eval", disable=not dist_utils.is_main(), leave=False)
+        summary["eval_accuracy"] = self.evaluate()
+        with_bar.update(1)
+        with_bar.close()
+        if history:
+            k = max(1, len(history) // 5)
+            first = sum(h["reward"] for h in history[:k]) / k
+            last = sum(h["reward"] for h in history[-k:]) / k
+            summary.update(reward_first_20pct=first, reward_last_20pct=last,
+                           reward_ratio=last / first if first > 0 else math.inf)
+        if cfg.trainer.save_final:
+            path = self.out_dir / "checkpoint-final"
+            self.engine.save_pretrained(path, self.tokenizer, self.image_processor)
+            summary["checkpoint"] = str(path)
+        if dist_utils.is_main():
+            if cfg.logging.plot and history:
+                summary["plot"] = str(plot_metrics(self.tracker.metrics_path, self.out_dir / "curves.png",
+                                                   f"PAPO on {cfg.data.task}"))
+            summary["metrics"] = str(self.tracker.metrics_path)
+            summary["wandb_dir"] = self.tracker.wandb_dir
+            if self.warmup_log:
+                summary["warmup_final_loss"] = self.warmup_log[-1]["loss"]
+            self.tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.tracker.close()
+        return summary
