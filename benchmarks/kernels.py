@@ -12,8 +12,9 @@ different random weight per token (sum(out_k · g_k)), so every gradient path ru
 Timing: min over interleaved repetitions (this CPU is shared; min is the least-disturbed run).
 Peak extra memory: CPU — a fresh subprocess per (case, backend) builds the inputs, runs one warm-up at a tiny
 shape, resets the kernel's RSS high-water mark (/proc/self/clear_refs = 5), runs forward+backward, and reports
-VmHWM − RSS before the run; the gradients (dW is V·d floats) count for every backend.  CUDA —
-torch.cuda.max_memory_allocated() − memory allocated before the run.  Out-of-memory is recorded, not raised.
+VmHWM − RSS before the run.  CUDA — torch.cuda.max_memory_allocated() during forward+backward − memory allocated
+before it.  Both count the gradients (dW alone is V·d elements) for every backend.  Out-of-memory is recorded,
+not raised.
 """
 from __future__ import annotations
 
@@ -119,9 +120,12 @@ def memory_probe(backend, n, d, v, dt, device):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step(op, inputs, True)
+        out = step(op, inputs, True)
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        peak = torch.cuda.max_memory_allocated() - base
+        del out, inputs
+        torch.cuda.empty_cache()
+        return peak
     import gc
 
     gc.collect()
@@ -135,7 +139,17 @@ def memory_probe(backend, n, d, v, dt, device):
 
 
 def measure_memory(backend, case, device):
+    """CPU: a fresh subprocess per (case, backend) (RSS high-water marks cannot be reset per allocation);
+    CUDA: in this process, from the caching allocator's peak counter."""
     n, d, v, dt = case
+    if device == "cuda":
+        try:
+            return {"peak_extra_bytes": int(memory_probe(backend, n, d, v, dt, device))}
+        except Exception as exc:  # noqa: BLE001
+            torch.cuda.empty_cache()
+            if is_oom(exc):
+                return {"error": "oom"}
+            raise
     cmd = [sys.executable, __file__, "--_probe", backend, str(n), str(d), str(v), dt, device]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=os.environ.copy())
@@ -226,6 +240,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--shape", default=None, help="headline override N,d,V,dtype (e.g. 256,64,1000,fp32)")
     ap.add_argument("--_probe", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -242,8 +257,12 @@ def main():
     fused = "triton" if device == "cuda" else "cpp"
     backends = ["eager", fused, "torch"]
     headline = CUDA_HEADLINE if device == "cuda" else CPU_HEADLINE
+    if args.shape:
+        n_, d_, v_, dt_ = args.shape.split(",")
+        headline = (int(n_), int(d_), int(v_), dt_)
     cases = [headline] + ([] if args.quick else (CUDA_SWEEP if device == "cuda" else CPU_SWEEP))
 
+    load_before = os.getloadavg()
     agreement = check_agreement(backends, device)
     print(f"agreement with eager at N=64, d=64, V=3001 (max rel err): {agreement}", flush=True)
 
@@ -283,6 +302,8 @@ def main():
     }
     if device == "cpu":
         summary["cpu_threads"] = torch.get_num_threads()
+        # other processes on a shared machine inflate both eager and fused times; recorded, not corrected
+        summary["load_average_1min_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
         try:
             summary["device_name"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                                           if line.startswith("model name"))

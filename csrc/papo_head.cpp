@@ -51,11 +51,13 @@ namespace vec = at::vec;
 
 namespace {
 
-// Tile = [2·chunk_n, block_v] logits (16 MB fp32 at the defaults).  Measured on the 2-core EPYC at N=2048,
-// d=512, V=32768 (GEMM-only time of the 8 GEMM-equivalents): block_v 512 → 2048 cut the per-GEMM time by
-// ~15% (MKL packs a [d, block_v] panel once per call and amortizes it over more rows); block_v 4096 or
-// chunk_n 2048 gained ≤ 3% more at 2× the tile memory.
-constexpr int64_t kDefaultBlockV = 2048;   // vocab columns per tile
+// Tile = [2·chunk_n, block_v] logits (32 MB fp32 at the defaults).  Measured with this op on the shared 2-core
+// EPYC at N=2048, d=512, V=32768 (min of 3, machine under load), forward / forward+backward in seconds:
+//   (chunk_n, block_v) = (2048, 1024) 2.08 / 7.52   (1024, 2048) 2.14 / 7.58   (512, 4096) 2.22 / 7.64
+//                        (2048, 2048) 1.80 / 6.79   (1024, 4096) 1.82 / 6.73
+// i.e. what matters is the tile's size (MKL's per-call packing and thread fork amortized over more work); 8M
+// elements is the knee.  (1024, 4096) keeps M = 2·1024 stacked rows per GEMM also when N is small.
+constexpr int64_t kDefaultBlockV = 4096;   // vocab columns per tile
 constexpr int64_t kDefaultChunkN = 1024;   // token rows per chunk (× 2 stacked branches)
 
 template <typename T>
@@ -239,9 +241,12 @@ Tensor stacked(const Tensor& h_o, const c10::optional<Tensor>& h_m, int64_t n0, 
 int64_t grain(int64_t vb) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(vb, 1)); }
 
 void check(const Tensor& h_o, const c10::optional<Tensor>& h_m, const Tensor& w, const Tensor& y) {
-  TORCH_CHECK(h_o.device().is_cpu() && w.device().is_cpu() && y.device().is_cpu(), "papo_head_cpp: CPU tensors only");
-  TORCH_CHECK(h_o.dim() == 2 && w.dim() == 2 && h_o.size(1) == w.size(1), "papo_head_cpp: hidden [N, d], weight [V, d]");
-  TORCH_CHECK(y.dim() == 1 && y.size(0) == h_o.size(0) && y.scalar_type() == at::kLong, "papo_head_cpp: targets [N] int64");
+  TORCH_CHECK(h_o.device().is_cpu() && w.device().is_cpu() && y.device().is_cpu(),
+              "papo_head_cpp: CPU tensors only");
+  TORCH_CHECK(h_o.dim() == 2 && w.dim() == 2 && h_o.size(1) == w.size(1),
+              "papo_head_cpp: hidden [N, d], weight [V, d]");
+  TORCH_CHECK(y.dim() == 1 && y.size(0) == h_o.size(0) && y.scalar_type() == at::kLong,
+              "papo_head_cpp: targets [N] int64");
   if (h_m.has_value()) TORCH_CHECK(h_m->sizes() == h_o.sizes(), "papo_head_cpp: hidden_masked shape != hidden shape");
   TORCH_CHECK(w.size(0) > 0, "papo_head_cpp: weight has 0 rows (ZeRO-3 partitioned? gather it first)");
 }

@@ -69,8 +69,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def fused_papo_head(hidden: torch.Tensor, hidden_masked: torch.Tensor, weight: torch.Tensor,
                     targets: torch.Tensor, temperature: float = 1.0, backend: str = "auto") -> PapoHeadOutput:
-    """Log-probs of ``targets``, entropies and KL(p‖q) for p = softmax(hidden·Wᵀ/T), q = softmax(hidden_masked·Wᵀ/T),
-    without materializing [N, V] logits.  Differentiable w.r.t. hidden, hidden_masked and weight."""
+    """Log-probs of ``targets``, entropies and KL(p‖q) for p = softmax(hidden·Wᵀ/T),
+    q = softmax(hidden_masked·Wᵀ/T), without materializing [N, V] logits.  Differentiable w.r.t. hidden,
+    hidden_masked and weight."""
     name = resolve_backend(backend, hidden.device)
     if name == "torch":
         return papo_head_chunked(hidden, hidden_masked, weight, targets, temperature)

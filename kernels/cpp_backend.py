@@ -6,7 +6,9 @@ the ``papo_kernels.csrc`` package, so the editable install and a wheel behave th
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import shutil
 import threading
 from pathlib import Path
@@ -34,6 +36,18 @@ def _build_dir() -> str:
     return root
 
 
+def _isa_tag() -> str:
+    """Short hash of the CPU's feature flags: the build uses -march=native, so a cache folder shared by machines
+    with different CPUs (a network home) must not hand an AVX-512 build to a CPU without it."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
 def load(verbose: bool = False):
     """Build (first call) and import the extension; raises RuntimeError with a clear message on failure."""
     global _EXT, _ERROR
@@ -54,7 +68,7 @@ def load(verbose: bool = False):
             if not cpp_extension.is_ninja_available():
                 raise RuntimeError("ninja is not installed (pip install ninja)")
             _EXT = cpp_extension.load(
-                name="papo_head_cpp",
+                name="papo_head_cpp_" + _isa_tag(),
                 sources=src,
                 extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"],
                 extra_ldflags=["-fopenmp"],
@@ -133,14 +147,22 @@ class _CppHead(torch.autograd.Function):
                 None, None, None, None)
 
 
+def _check_targets(targets: torch.Tensor, vocab: int) -> None:
+    # the kernel would silently read no target logit for an out-of-range id (cheap to check on the CPU)
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        raise ValueError(f"targets must lie in [0, {vocab}), got range [{int(targets.min())}, {int(targets.max())}]")
+
+
 def papo_head_cpp(hidden: torch.Tensor, hidden_masked: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                   temperature: float = 1.0, block_v: int = 0, chunk_n: int = 0) -> PapoHeadOutput:
     """Two-policy fused head on CPU tensors (block_v / chunk_n = 0: the defaults in papo_head.cpp)."""
     check_inputs(hidden, hidden_masked, weight, targets)
+    _check_targets(targets, weight.shape[0])
     return PapoHeadOutput(*_CppHead.apply(hidden, hidden_masked, weight, targets, temperature, block_v, chunk_n))
 
 
 def logprob_entropy_cpp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         temperature: float = 1.0, block_v: int = 0, chunk_n: int = 0) -> LogprobEntropyOutput:
     check_inputs(hidden, None, weight, targets)
+    _check_targets(targets, weight.shape[0])
     return LogprobEntropyOutput(*_CppHead.apply(hidden, None, weight, targets, temperature, block_v, chunk_n))

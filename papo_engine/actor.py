@@ -40,13 +40,11 @@ def final_hidden(model, input_ids, attention_mask, pixel_values, image_grid_thw)
     return out.last_hidden_state
 
 
-def response_token_stats(model, batch: SequenceBatch, *, both_branches: bool, temperature: float) -> dict:
-    """Per-token [S, R] tensors over response positions (0 where response_mask is 0).
-
-    Always: logprobs, entropy (full-vocabulary). With both_branches: also masked_logprobs, masked_entropy,
-    kl (exact full-vocabulary KL(π(·|I) ‖ π(·|I_mask)))."""
+def response_hidden(model, batch: SequenceBatch, both_branches: bool) -> torch.Tensor:
+    """Final hidden states at the positions that predict each response token: [S, R, d], or [2S, R, d] with the
+    masked-image half stacked after the original half."""
     prompts = batch.prompts
-    S, P = prompts.input_ids.shape
+    P = prompts.input_ids.shape[1]
     R = batch.response_ids.shape[1]
     input_ids = torch.cat([prompts.input_ids, batch.response_ids], dim=1)
     attention_mask = torch.cat([prompts.attention_mask, batch.response_mask.to(prompts.attention_mask.dtype)], 1)
@@ -59,7 +57,16 @@ def response_token_stats(model, batch: SequenceBatch, *, both_branches: bool, te
         grid = torch.cat([grid, grid])
     hidden = final_hidden(model, input_ids, attention_mask, pixel_values, grid)
     # position t predicts token t+1: response token j is predicted by the hidden state at P + j - 1
-    hidden = hidden[:, P - 1:P - 1 + R]
+    return hidden[:, P - 1:P - 1 + R]
+
+
+def response_token_stats(model, batch: SequenceBatch, *, both_branches: bool, temperature: float) -> dict:
+    """Per-token [S, R] tensors over response positions (0 where response_mask is 0).
+
+    Always: logprobs, entropy (full-vocabulary). With both_branches: also masked_logprobs, masked_entropy,
+    kl (exact full-vocabulary KL(π(·|I) ‖ π(·|I_mask)))."""
+    S = len(batch)
+    hidden = response_hidden(model, batch, both_branches)
     valid = batch.response_mask.bool()
     targets = batch.response_ids[valid]
     if both_branches:
@@ -71,6 +78,6 @@ def response_token_stats(model, batch: SequenceBatch, *, both_branches: bool, te
         names = ("logprobs", "entropy")
     stats = {}
     for name, values in zip(names, head):
-        full = values.new_zeros(S, R)
+        full = values.new_zeros(S, batch.response_ids.shape[1])
         stats[name] = full.masked_scatter(valid, values)
     return stats

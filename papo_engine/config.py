@@ -95,7 +95,7 @@ class AlgoConfig:
     gamma_schedule: str = _f("constant", choices=["constant", "linear"])
     gamma_final: float = _f(0.0, low=0.0, help="gamma at the last step when gamma_schedule=linear")
     perception_kl: str = _f("k3", choices=["k1", "k2", "k3", "full"])
-    perception_kl_clamp: float | None = _f(None, low=0.0, low_open=True, help="clamp KL_prcp to [0, c]")
+    perception_kl_clamp: float | None = _f(0.2, low=0.0, low_open=True, help="clamp KL_prcp to [0, c]; null = off")
     eta_orig: float = _f(0.0, low=0.0, help="entropy weight, original-image branch")
     eta_mask: float = _f(0.0, low=0.0, help="entropy weight, masked-image branch")
     entropy_form: str = _f("nll", choices=["nll", "full"])
@@ -109,19 +109,20 @@ class AlgoConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(2e-3, low=0.0, low_open=True)
+    lr: float = _f(1e-3, low=0.0, low_open=True)
     weight_decay: float = _f(0.0, low=0.0)
     betas: list = _f([0.9, 0.99])
     grad_clip: float = _f(1.0, low=0.0, low_open=True)
-    warmup_steps: int = _f(0, low=0)
+    warmup_steps: int = _f(0, low=0, help="linear lr warm-up steps")
+    lr_schedule: str = _f("cosine", choices=["constant", "cosine"], help="after warm-up; cosine ends at 10% of lr")
 
 
 @dataclass
 class WarmupConfig:
     """Supervised warm-start on the answer FORMAT (labels drawn at random, so it teaches no answer)."""
-    steps: int = _f(60, low=0, help="0 disables the stage")
+    steps: int = _f(200, low=0, help="0 disables the stage")
     batch_size: int = _f(32, low=1)
-    lr: float = _f(3e-3, low=0.0, low_open=True)
+    lr: float = _f(2e-3, low=0.0, low_open=True)
 
 
 @dataclass
@@ -139,7 +140,7 @@ class KernelConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = _f(100, low=1)
+    steps: int = _f(200, low=1)
     prompts_per_step: int = _f(16, low=1)
     micro_batch_size: int = _f(64, low=1, help="sequences per update micro-batch (per rank)")
     ppo_epochs: int = _f(1, low=1)

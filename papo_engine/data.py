@@ -29,6 +29,7 @@ class Sample:
     question: str
     answer: str
     uid: str
+    caption: str  # what the image shows WITHOUT the answer (used only by the warm-start stage)
 
 
 def question_texts() -> list[str]:
@@ -58,20 +59,23 @@ def make_sample(task: str, index: int, split: str, seed: int, image_size: int) -
         color = rng.choice(list(COLORS))
         size = rng.randint(image_size // 2, image_size - 8)
         x0, y0 = rng.randint(2, image_size - size - 2), rng.randint(2, image_size - size - 2)
-        _draw_shape(draw, rng.choice(SHAPES), (x0, y0, x0 + size, y0 + size), COLORS[color])
-        answer = color
+        shape = rng.choice(SHAPES)
+        _draw_shape(draw, shape, (x0, y0, x0 + size, y0 + size), COLORS[color])
+        answer, caption = color, f"I see a {shape}."
     elif task == "shape_count":
         count = rng.choice(COUNTS)
         cell = image_size // 2
+        shape = rng.choice(SHAPES)
         for slot in rng.sample(range(4), count):  # one shape per quadrant: no overlaps, countable
             size = rng.randint(cell // 2, cell - 4)
             cx, cy = (slot % 2) * cell, (slot // 2) * cell
             x0, y0 = cx + rng.randint(1, cell - size - 1), cy + rng.randint(1, cell - size - 1)
-            _draw_shape(draw, rng.choice(SHAPES), (x0, y0, x0 + size, y0 + size), rng.choice(list(COLORS.values())))
-        answer = str(count)
+            _draw_shape(draw, shape, (x0, y0, x0 + size, y0 + size), rng.choice(list(COLORS.values())))
+        answer, caption = str(count), f"I see {shape}s."
     else:
         raise ValueError(f"data.task={task!r}: must be one of {', '.join(_QUESTIONS)}")
-    return Sample(image=image, question=rng.choice(_QUESTIONS[task]), answer=answer, uid=f"{task}-{split}-{index}")
+    return Sample(image=image, question=rng.choice(_QUESTIONS[task]), answer=answer, uid=f"{task}-{split}-{index}",
+                  caption=caption)
 
 
 class GeneratedDataset:

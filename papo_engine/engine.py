@@ -63,8 +63,12 @@ class TrainingEngine:
 
     def step(self) -> float:
         """Optimizer step (clipping inside DeepSpeed); returns the pre-clip global gradient norm."""
+        if self.zero_stage == 0:  # DeepSpeed reports the norm only for its ZeRO optimizers
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
+        if self.zero_stage > 0:
+            norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
     def full_state_dict(self) -> dict | None:

@@ -55,10 +55,13 @@ class Tracker:
                 warnings.warn(f"W&B offline failed too ({err2}); metrics go to metrics.jsonl only")
                 return None
 
-    def log(self, step: int, metrics: dict, histograms: dict | None = None) -> None:
+    def log(self, step: int, metrics: dict, histograms: dict | None = None, samples: list | None = None) -> None:
+        """One JSON line: the step's metrics, plus a few sampled responses under "samples" to read by eye."""
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        if samples:
+            record["samples"] = samples
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self.wandb_run is not None:

@@ -41,6 +41,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def learning_rate(step: int, total_steps: int, optim) -> float:
+    """Linear warm-up over optim.warmup_steps, then constant or cosine down to 10% of optim.lr."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.lr_schedule == "constant":
+        return optim.lr
+    progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps - 1)
+    return optim.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
 class Timer:
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -279,7 +289,7 @@ class PAPOTrainer:
             with timer.phase("old_logprobs"):
                 old = self.old_stats(seqs)
             gamma = gamma_at(step, steps, cfg.algo)
-            lr = cfg.optim.lr * min(1.0, (step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps else cfg.optim.lr
+            lr = learning_rate(step, steps, cfg.optim)
             self.engine.set_lr(lr)
             with timer.phase("update"):
                 upd = self.update(seqs, advantages, old, gamma)
@@ -301,7 +311,9 @@ class PAPOTrainer:
             metrics = self._reduce_metrics(metrics)
             if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and step + 1 < steps:
                 metrics["eval/accuracy"] = self.evaluate()
-            self.tracker.log(step, metrics, histograms={"perception_reliance": per_seq_kl.tolist()})
+            self.tracker.log(step, metrics, histograms={"perception_reliance": per_seq_kl.tolist()},
+                             samples=[{"answer": batch.answers[0], "response": t, "reward": float(r)}
+                                      for t, r in zip(batch.texts[:2], batch.scores["reward"][:2])])
             history.append(metrics)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics.get('accuracy', 0):.2f}",
                             kl=f"{metrics['perception_kl']:.3f}")

@@ -1,29 +1,35 @@
-"""Stage 0 (documented, optional): a short supervised warm-start on the answer FORMAT only.
+"""Stage 0 (documented, optional): a short supervised warm-start on the answer FORMAT and on looking at the image.
 
-Real PAPO starts from an instruction-tuned model that already answers as `<think>…</think>\\boxed{…}`; the
-embedded tiny model starts from random weights. This stage teaches the format with answers drawn uniformly
-at random from the task's answer set — independent of the image — so after it the policy is at chance
-accuracy and everything it learns about the image comes from RL.
+Real PAPO starts from an instruction-tuned VLM that already answers as `<think>…</think>\\boxed{…}` and already
+perceives; the embedded tiny model starts from random weights. This stage stands in for that pretraining:
+the target is `<think>{caption}</think>\\boxed{X}</s>` where the caption says what the image shows but NOT the
+answer (the shape's type for the colour task). At the answer position the loss is −log Σ_{a ∈ answer set} π(a):
+it teaches that the box holds one of the task's answers and says nothing about WHICH one, so no image→answer
+mapping is taught; a balance term KL(uniform ‖ batch-average answer distribution) keeps the answers spread
+(a policy stuck on one answer gives GRPO groups with no reward variance) (training on random labels instead was measured to actively teach the answer position to
+ignore the image). After it the policy answers in format at chance accuracy; everything it learns about the
+asked attribute comes from RL.
 """
 from __future__ import annotations
 
+import math
 import random
 
 import torch
 from tqdm import tqdm
 
 from . import distributed as dist_utils
-from .actor import SequenceBatch, response_token_stats
+from .actor import SequenceBatch, response_hidden
 from .config import WarmupConfig
 from .data import ANSWERS
 
-TEMPLATE = "<think>I look at the image.</think>\\boxed{{{answer}}}"
+TEMPLATE = "<think>{caption}</think>\\boxed{{{answer}}}"
 
 
-def format_targets(tokenizer, answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def format_targets(tokenizer, captions: list[str], answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded target ids ending with eos, and their mask."""
-    rows = [tokenizer(TEMPLATE.format(answer=a), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            for a in answers]
+    rows = [tokenizer(TEMPLATE.format(caption=c, answer=a), add_special_tokens=False)["input_ids"]
+            + [tokenizer.eos_token_id] for c, a in zip(captions, answers)]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(rows), width)
@@ -42,12 +48,27 @@ def format_warmup(model, trainer, wcfg: WarmupConfig) -> list[dict]:
     model.train()
     log = []
     bar = tqdm(range(wcfg.steps), desc="format warm-up", disable=not dist_utils.is_main(), dynamic_ncols=True)
+    pieces = [trainer.tokenizer.tokenize(a) for a in choices]
+    if any(len(p) != 1 for p in pieces):
+        raise ValueError(f"warm-up needs single-token answers; the tokenizer splits {choices} into {pieces}")
+    answer_ids = torch.tensor(trainer.tokenizer.convert_tokens_to_ids([p[0] for p in pieces]))
+    brace_id = trainer.tokenizer.convert_tokens_to_ids("{")
     for step in bar:
         samples = [trainer.train_set[rng.randrange(len(trainer.train_set))] for _ in range(wcfg.batch_size)]
-        ids, mask = format_targets(trainer.tokenizer, [rng.choice(choices) for _ in samples])
+        # a random answer fills the box so every answer is seen as INPUT (the closing tokens follow any of them);
+        # its position is scored by the answer-set loss, never by this label
+        ids, mask = format_targets(trainer.tokenizer, [s.caption for s in samples],
+                                   [rng.choice(choices) for _ in samples])
         seqs = SequenceBatch(trainer.encode(samples), ids, mask)
-        stats = response_token_stats(model, seqs, both_branches=False, temperature=1.0)
-        loss = -(stats["logprobs"] * mask).sum() / mask.sum()
+        logp = torch.log_softmax(model.lm_head(response_hidden(model, seqs, both_branches=False)).float(), -1)
+        token_logp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        answer_set_logp = torch.logsumexp(logp[..., answer_ids], dim=-1)
+        is_answer = torch.isin(ids, answer_ids) & (torch.arange(ids.shape[1]) > 0) & (ids.roll(1, 1) == brace_id)
+        per_token = torch.where(is_answer, answer_set_logp, token_logp)
+        # balance: the batch-AVERAGE answer distribution should be uniform (each image's may differ)
+        within = torch.softmax(logp[is_answer][:, answer_ids], dim=-1)           # [B, K]
+        balance = -torch.log(within.mean(0)).mean() - math.log(len(choices))      # KL(uniform ‖ marginal) ≥ 0
+        loss = -(per_token * mask).sum() / mask.sum() + balance
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)

@@ -28,7 +28,8 @@ def corpus():
         lines.append(chat_prompt(q).replace("<|image_pad|>", " "))
     for c in COLORS:
         for s in SHAPES:
-            lines.append(f"<think>The {s} is {c}.</think>\\boxed{{{c}}}")
+            lines.append(f"<think>I see a {s}.</think>\\boxed{{{c}}} The {s} is {c}.")
+        lines.append(f"<think>I see {s}s.</think>")
     for k in range(0, 21):
         lines.append(f"<think>I count {k} shapes.</think>\\boxed{{{k}}}")
     return lines * 20

@@ -103,21 +103,21 @@ def run_case(backend, n=37, d=48, v=1000, dtype=torch.float32, temperature=1.0, 
     for name in NAMES:
         assert getattr(out, name).shape == (n,) and getattr(out, name).dtype == expect_dtype, name
 
-    h64, hm64, w64 = (t.detach().double().cpu().requires_grad_() for t in (h, hm, w))
-    ref = oracle(h64, hm64, w64, y.cpu(), temperature)
+    h64, hm64, w64 = (t.detach().double().requires_grad_() for t in (h, hm, w))
+    ref = oracle(h64, hm64, w64, y, temperature)
     for name, o, r in zip(NAMES, out, ref):
         if same and name == "kl":
             assert o.abs().max().item() <= 1e-6, f"KL of identical branches: {o.abs().max().item()}"
             continue
         assert torch.isfinite(o).all(), name
-        e = rel_err(o.detach().cpu(), r.detach())
+        e = rel_err(o.detach(), r.detach())
         assert e <= tol, f"{backend} {name}: rel err {e:.2e} > {tol:.0e}"
 
     # different random upstream gradient per row and per output; unused outputs get no gradient at all
     g = torch.Generator().manual_seed(seed + 1)
-    grads = {k: torch.randn(n, generator=g, dtype=torch.float64) for k in NAMES}
+    grads = {k: torch.randn(n, generator=g, dtype=torch.float64).to(dev) for k in NAMES}
     idx = [NAMES.index(k) for k in used]
-    loss = sum((out[i].double() * grads[NAMES[i]].to(dev)).sum() for i in idx)
+    loss = sum((out[i].double() * grads[NAMES[i]]).sum() for i in idx)
     got = torch.autograd.grad(loss, (h, hm, w), allow_unused=True)
     ref_loss = sum((ref[i] * grads[NAMES[i]]).sum() for i in idx)
     want = torch.autograd.grad(ref_loss, (h64, hm64, w64), allow_unused=True)
@@ -126,7 +126,7 @@ def run_case(backend, n=37, d=48, v=1000, dtype=torch.float32, temperature=1.0, 
             assert gt is None or gt.abs().max() == 0, name
             continue
         assert gt is not None and gt.dtype == dtype and gt.shape == wt.shape, name
-        e = rel_err(gt.detach().cpu(), wt)
+        e = rel_err(gt.detach(), wt)
         assert e <= tol, f"{backend} {name} (outputs used: {used}): rel err {e:.2e} > {tol:.0e}"
     return out
 
@@ -184,16 +184,66 @@ def test_single_policy(backend):
     h.requires_grad_(), w.requires_grad_()
     out = fused_logprob_entropy(h, w, y, temperature=0.9, backend=backend)
     assert isinstance(out, papo_kernels.LogprobEntropyOutput)
-    h64, w64 = (t.detach().double().cpu().requires_grad_() for t in (h, w))
-    ref = oracle(h64, None, w64, y.cpu(), 0.9)
+    h64, w64 = (t.detach().double().requires_grad_() for t in (h, w))
+    ref = oracle(h64, None, w64, y, 0.9)
     for o, r in zip(out, ref):
-        assert rel_err(o.detach().cpu(), r.detach()) <= FP32_TOL
+        assert rel_err(o.detach(), r.detach()) <= FP32_TOL
     g = torch.Generator().manual_seed(11)
-    g_lp, g_h = torch.randn(29, generator=g), torch.randn(29, generator=g)
-    got = torch.autograd.grad((out.logprobs * g_lp.to(dev)).sum() + (out.entropy * g_h.to(dev)).sum(), (h, w))
+    g_lp, g_h = torch.randn(29, generator=g).to(dev), torch.randn(29, generator=g).to(dev)
+    got = torch.autograd.grad((out.logprobs * g_lp).sum() + (out.entropy * g_h).sum(), (h, w))
     want = torch.autograd.grad((ref[0] * g_lp.double()).sum() + (ref[1] * g_h.double()).sum(), (h64, w64))
     for gt, wt in zip(got, want):
-        assert rel_err(gt.detach().cpu(), wt) <= FP32_TOL
+        assert rel_err(gt.detach(), wt) <= FP32_TOL
+
+
+@pytest.mark.skipif(not _cpp_ok(), reason="C++ backend could not be built (no compiler?)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_many_tiles(dtype, monkeypatch):
+    """Several token chunks and ragged vocab blocks (block_v = 300 does not divide V = 1001)."""
+    from papo_kernels import cpp_backend
+
+    orig = cpp_backend.papo_head_cpp
+    monkeypatch.setattr(cpp_backend, "papo_head_cpp",
+                        lambda h, hm, w, y, t=1.0: orig(h, hm, w, y, t, block_v=300, chunk_n=8))
+    run_case("cpp", v=1001, dtype=dtype, temperature=1.3, seed=13)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="interpreter-only variant of the chunked triton backward")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backward_token_chunks(dtype, monkeypatch):
+    """The triton backward in several token chunks (fp32 dW accumulation across chunks for bf16)."""
+    from papo_kernels import triton_papo_head
+
+    monkeypatch.setattr(triton_papo_head, "_BWD_BUFFER_BYTES", 2 * 1000 * 4 * 16)
+    run_case("triton", v=1000, dtype=dtype, seed=14)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,d", [(256, 256), (1024, 3584)])
+def test_triton_cuda_qwen_vocab(n, d, dtype):
+    """V = 152064 (Qwen2.5-VL; 152064 mod 1024 = 512, the tail tile that broke a public kernel), compiled."""
+    run_case("triton", n=n, d=d, v=152064, dtype=dtype, temperature=0.9, seed=12)
+
+
+@cuda
+def test_triton_cuda_many_backward_chunks(monkeypatch):
+    from papo_kernels import triton_papo_head
+
+    monkeypatch.setattr(triton_papo_head, "_BWD_BUFFER_BYTES", 2 * 32001 * 2 * 128)
+    run_case("triton", n=1000, d=512, v=32001, dtype=torch.bfloat16, seed=15)
+
+
+@pytest.mark.skipif(not _cpp_ok(), reason="C++ backend could not be built (no compiler?)")
+def test_cpp_rejects_out_of_range_targets():
+    h, hm, w, y = make_inputs(4, 8, 16, torch.float32)
+    y[2] = 16
+    with pytest.raises(ValueError, match="targets must lie in"):
+        fused_papo_head(h, hm, w, y, backend="cpp")
 
 
 def test_torch_chunks_agree_with_reference():

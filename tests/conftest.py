@@ -1,0 +1,28 @@
+"""Shared test setup: CPU run-time environment (before triton/deepspeed import) and small shared fixtures."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache",
+                                   "torch_extensions"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The embedded default's tokenizer, image processor and a tiny model (random init, seed 0)."""
+    from papo_engine.config import Config
+    from papo_engine.head import FusedLMHead
+    from papo_engine.models import load_image_processor, load_policy, load_tokenizer
+
+    cfg = Config()
+    tokenizer = load_tokenizer(cfg.model)
+    processor = load_image_processor(cfg)
+    model = load_policy(cfg.model, tokenizer, seed=0)
+    FusedLMHead.replace_in(model, fused=True, backend="torch")
+    return cfg, tokenizer, processor, model

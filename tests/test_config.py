@@ -1,0 +1,91 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from papo_engine.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_yaml_default_matches_embedded_default():
+    assert load_config(ROOT / "configs" / "tiny_cpu.yaml").to_dict() == Config().to_dict()
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(None, ["trainer.steps=20", "algo.gamma=0.05", "algo.dual_clip=null",
+                             "kernels.fused_head=false", "optim.betas=[0.8, 0.9]"])
+    assert cfg.trainer.steps == 20 and isinstance(cfg.trainer.steps, int)
+    assert cfg.algo.gamma == 0.05 and cfg.algo.dual_clip is None
+    assert cfg.kernels.fused_head is False and cfg.optim.betas == [0.8, 0.9]
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"algo": {"gamma": 0.01}, "trainer": {"steps": 7}}))
+    cfg = load_config(path, ["trainer.steps=9"])
+    assert (cfg.algo.gamma, cfg.trainer.steps) == (0.01, 9)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["trainer.stepz=3"], "unknown key 'trainer.stepz'"),
+    (["nosection.x=1"], "unknown key 'nosection.x'"),
+    (["trainer.steps=abc"], "trainer.steps='abc'"),
+    (["trainer.steps=2.5"], "trainer.steps=2.5"),
+    (["trainer.steps=0"], "trainer.steps=0: must be a int >= 1"),
+    (["algo.gamma=-0.1"], "algo.gamma=-0.1"),
+    (["mask.ratio=0"], "mask.ratio=0"),
+    (["mask.ratio=1.5"], "mask.ratio=1.5"),
+    (["mask.unit=pixel"], "one of merge, patch"),
+    (["rollout.n=1"], "rollout.n=1: must be >= 2"),
+    (["kernels.fused_head=maybe"], "kernels.fused_head='maybe'"),
+    (["model.path=/does/not/exist"], "model.path='/does/not/exist': directory not found"),
+    (["trainer"], "expected key.sub=value"),
+    (["trainer=3"], "is a section"),
+])
+def test_bad_values_name_key_value_and_allowed(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert needle in message and "\n" not in message
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  steps: [1, 2\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("trainer:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown.yaml: unknown key 'trainer.stepz'"):
+        load_config(unknown)
+
+
+def _papo(*args):
+    return subprocess.run([sys.executable, "-m", "papo_engine.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--config", "missing.yaml"],
+    ["train", "trainer.stepz=1"],
+    ["train", "model.path=/no/such/model"],
+    ["train", "algo.gamma=-1"],
+])
+def test_cli_errors_are_one_line_exit_2(args):
+    result = _papo(*args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("papo: error:"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_help_lists_options():
+    result = _papo("train", "--help")
+    assert result.returncode == 0
+    for key in ("trainer.steps", "algo.gamma", "mask.ratio", "kernels.fused_head", "--config"):
+        assert key in result.stdout
