@@ -328,6 +328,9 @@ def validate(cfg: Config) -> None:
         import importlib.util
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("rollout.backend='vllm': vllm is not installed (pip install 'papo-engine[gpu]' on a CUDA machine)")
+    if cfg.algo.perception_kl == "full" and not cfg.algo.masked_grad and not cfg.algo.official:
+        raise ConfigError("algo.perception_kl='full' with algo.masked_grad=false: the exact KL needs the masked "
+                          "branch's logits in the update; use k1/k2/k3 or masked_grad=true")
     b = cfg.algo.dual_clip
     if b is not None and b <= 1.0:
         raise ConfigError(f"algo.dual_clip={b}: must be > 1 or null")

@@ -35,6 +35,19 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return ds
 
 
+def frozen_reference(model, cfg: Config, world_size: int):
+    """A frozen copy of `model` for the reference KL; under ZeRO-3 it is partitioned like the policy."""
+    import copy
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.deepspeed.zero_stage != 3:
+        return reference
+    import deepspeed
+    config = deepspeed_config(cfg, world_size)
+    config.pop("gradient_clipping")
+    engine, *_ = deepspeed.initialize(model=reference, config=config)
+    return engine.module
+
+
 class TrainingEngine:
     """Owns the DeepSpeed engine; `module` is the (possibly ZeRO-partitioned) HF model."""
 

@@ -113,7 +113,9 @@ class PAPOTrainer:
         if cfg.warmup.steps > 0:
             from .warmup import format_warmup
             self.warmup_log = format_warmup(model, self, cfg.warmup)
-        from .engine import TrainingEngine
+        from .engine import TrainingEngine, frozen_reference
+        # β > 0: a frozen copy of the starting policy (after the warm-start); none when β = 0
+        self.reference = frozen_reference(model, cfg, self.world) if cfg.algo.ref_kl_coef > 0 else None
         self.engine = TrainingEngine(model, cfg, self.world)
         self.rollout = HFRollout(self.engine.module, self.tokenizer, cfg.rollout.batch_size,
                                  synced_gpus=self.world > 1 and cfg.deepspeed.zero_stage == 3)
@@ -219,11 +221,16 @@ class PAPOTrainer:
 
     @torch.no_grad()
     def old_stats(self, seqs: SequenceBatch) -> dict[str, torch.Tensor]:
-        """Rollout-time log-probs of both branches in one no-grad forward per micro-batch."""
-        model = self.engine.module
-        parts = [response_token_stats(model, seqs.slice(a, b), both_branches=True,
-                                      temperature=self.sampling.temperature)
-                 for a, b in self.micro_batches(len(seqs))]
+        """Rollout-time log-probs of both branches in one no-grad forward per micro-batch (+ the reference's)."""
+        model, temperature = self.engine.module, self.sampling.temperature
+        parts = []
+        for a, b in self.micro_batches(len(seqs)):
+            mb = seqs.slice(a, b)
+            part = response_token_stats(model, mb, both_branches=True, temperature=temperature)
+            if self.reference is not None:
+                part["ref_logprobs"] = response_token_stats(self.reference, mb, both_branches=False,
+                                                            temperature=temperature)["logprobs"]
+            parts.append(part)
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def update(self, seqs: SequenceBatch, advantages: torch.Tensor, old: dict, gamma: float) -> dict:
@@ -252,8 +259,10 @@ class PAPOTrainer:
                     ref_logprobs=old["ref_logprobs"][a:b] if "ref_logprobs" in old else None)
                 loss, metrics = papo_loss(inputs, self.cfg.algo, gamma, token_normalizer=token_norm,
                                           seq_normalizer=global_seqs)
-                # DeepSpeed averages gradients over ranks; the loss is already a global mean, so undo that.
-                self.engine.backward(loss * self.world, last_micro_batch=i == len(chunks) - 1)
+                # DeepSpeed averages gradients over ranks. Our loss is already a global mean, so undo that; the
+                # authors' (official) loss is a per-rank mean that they average the same way.
+                rank_scale = 1 if self.settings.official else self.world
+                self.engine.backward(loss * rank_scale, last_micro_batch=i == len(chunks) - 1)
                 weight = float(mask.sum())
                 for k, v in metrics.items():
                     if k == "perception_kl_per_seq":

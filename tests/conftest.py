@@ -1,7 +1,10 @@
 """Shared test setup: CPU run-time environment (before triton/deepspeed import) and small shared fixtures."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# interpreted Triton only where there is no GPU (must be decided before triton is imported)
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
