@@ -26,6 +26,31 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # kernels
 # ================================================================================================================
 @triton.jit
+def _logit_tiles(h_rows, hm_rows, w_rows, row_ok, col_ok, D,
+                 TWO: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Raw logit tiles h_o·Wᵀ and h_m·Wᵀ, [BLOCK_N, BLOCK_V] fp32, for one row block and one vocab block;
+    each W tile loaded per K step serves both branches."""
+    acc_a = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    acc_b = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        ho = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if DOT_F32:
+            w = w.to(tl.float32)
+            ho = ho.to(tl.float32)
+        acc_a = tl.dot(ho, tl.trans(w), acc_a, input_precision=PRECISION)
+        if TWO:
+            hm = tl.load(hm_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if DOT_F32:
+                hm = hm.to(tl.float32)
+            acc_b = tl.dot(hm, tl.trans(w), acc_b, input_precision=PRECISION)
+    return acc_a, acc_b
+
+
+@triton.jit
 def _papo_head_fwd_kernel(
     h_ptr,       # [N, D] hidden states of the original branch
     hm_ptr,      # [N, D] hidden states of the masked branch (ignored when not TWO)
@@ -66,23 +91,7 @@ def _papo_head_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_hi
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w      # V·D may exceed 2^31
-        acc_a = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        acc_b = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < D
-            # one W tile serves both branches
-            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            ho = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if DOT_F32:
-                w = w.to(tl.float32)
-                ho = ho.to(tl.float32)
-            acc_a = tl.dot(ho, tl.trans(w), acc_a, input_precision=PRECISION)
-            if TWO:
-                hm = tl.load(hm_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                if DOT_F32:
-                    hm = hm.to(tl.float32)
-                acc_b = tl.dot(hm, tl.trans(w), acc_b, input_precision=PRECISION)
+        acc_a, acc_b = _logit_tiles(h_rows, hm_rows, w_rows, row_ok, col_ok, D, TWO, DOT_F32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
         # out-of-range vocab columns are −inf logits: they add e^−inf = 0, never e^0
         a = tl.where(col_ok[None, :], acc_a * inv_t, float("-inf"))
         is_y = cols[None, :] == y[:, None]
@@ -154,22 +163,7 @@ def _papo_head_bwd_kernel(
     h_rows = h_ptr + rows[:, None] * stride_h
     hm_rows = hm_ptr + rows[:, None] * stride_hm
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w          # V·D may exceed 2^31
-    acc_a = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    acc_b = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < D
-        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        ho = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if DOT_F32:
-            w = w.to(tl.float32)
-            ho = ho.to(tl.float32)
-        acc_a = tl.dot(ho, tl.trans(w), acc_a, input_precision=PRECISION)
-        if TWO:
-            hm = tl.load(hm_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if DOT_F32:
-                hm = hm.to(tl.float32)
-            acc_b = tl.dot(hm, tl.trans(w), acc_b, input_precision=PRECISION)
+    acc_a, acc_b = _logit_tiles(h_rows, hm_rows, w_rows, row_ok, col_ok, D, TWO, DOT_F32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
     is_y = cols[None, :] == y[:, None]
     m_a = tl.load(st_ptr + 0 * stride_st + rows, mask=row_ok, other=0.0)

@@ -56,10 +56,13 @@ class Tracker:
                 return None
 
     def log(self, step: int, metrics: dict, histograms: dict | None = None, samples: list | None = None) -> None:
-        """One JSON line: the step's metrics, plus a few sampled responses under "samples" to read by eye."""
+        """One JSON line: the step's metrics, the raw values behind each histogram (e.g. the per-sequence
+        perception reliance), and a few sampled responses under "samples" to read by eye."""
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        for name, values in (histograms or {}).items():
+            record[name] = [round(float(v), 6) for v in values]
         if samples:
             record["samples"] = samples
         self._file.write(json.dumps(record) + "\n")

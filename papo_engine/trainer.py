@@ -187,23 +187,26 @@ class PAPOTrainer:
         return self._merge_groups(pieces, kept), info
 
     def _merge_groups(self, pieces: list[Rollouts], kept: list[tuple[int, int]]) -> Rollouts:
-        n = self.sampling.n
-        chosen = []
+        """One batch from group `g` of piece `i` for each (i, g) in `kept`, in that order."""
+        n, pad = self.sampling.n, self.tokenizer.pad_token_id
+        groups = []
         for piece_id, g in kept:
-            p = pieces[piece_id]
-            rows = list(range(g * n, (g + 1) * n))
-            seqs = p.sequences
-            chosen.append((select_prompts(p.prompts, [g]), p.answers[g], select_prompts(seqs.prompts, rows),
-                           seqs.response_ids[rows], seqs.response_mask[rows],
-                           {k: v[rows] for k, v in p.scores.items()}, [p.texts[r] for r in rows]))
-        pad = self.tokenizer.pad_token_id
-        width = max(c[3].shape[1] for c in chosen)
-        response_ids = torch.cat([F.pad(c[3], (0, width - c[3].shape[1]), value=pad) for c in chosen])
-        response_mask = torch.cat([F.pad(c[4], (0, width - c[4].shape[1])) for c in chosen])
-        scores = {k: torch.cat([c[5][k] for c in chosen]) for k in chosen[0][5]}
-        return Rollouts(concat_prompts([c[0] for c in chosen], pad), [c[1] for c in chosen],
-                        SequenceBatch(concat_prompts([c[2] for c in chosen], pad), response_ids, response_mask),
-                        scores, [t for c in chosen for t in c[6]])
+            p, rows = pieces[piece_id], list(range(g * n, (g + 1) * n))
+            groups.append(Rollouts(select_prompts(p.prompts, [g]), [p.answers[g]],
+                                   SequenceBatch(select_prompts(p.sequences.prompts, rows),
+                                                 p.sequences.response_ids[rows], p.sequences.response_mask[rows]),
+                                   {k: v[rows] for k, v in p.scores.items()}, [p.texts[r] for r in rows]))
+        width = max(x.sequences.response_ids.shape[1] for x in groups)
+
+        def right_pad(t: torch.Tensor, value) -> torch.Tensor:
+            return F.pad(t, (0, width - t.shape[1]), value=value)
+
+        sequences = SequenceBatch(concat_prompts([x.sequences.prompts for x in groups], pad),
+                                  torch.cat([right_pad(x.sequences.response_ids, pad) for x in groups]),
+                                  torch.cat([right_pad(x.sequences.response_mask, 0.0) for x in groups]))
+        return Rollouts(concat_prompts([x.prompts for x in groups], pad), [a for x in groups for a in x.answers],
+                        sequences, {k: torch.cat([x.scores[k] for x in groups]) for k in groups[0].scores},
+                        [t for x in groups for t in x.texts])
 
     def attach_masks(self, batch: Rollouts, step: int) -> torch.Tensor:
         """One mask per prompt, fresh each step, shared by the prompt's n responses."""
@@ -341,7 +344,8 @@ class PAPOTrainer:
         mine = list(range(self.rank, count, self.world))
         correct = 0.0
         greedy = SamplingParams(1, 0.0, 1.0, self.sampling.max_new_tokens)
-        for start in range(0, len(mine), self.cfg.rollout.batch_size):
+        starts = range(0, len(mine), self.cfg.rollout.batch_size)
+        for start in tqdm(starts, desc="held-out eval", disable=not dist_utils.is_main(), leave=False):
             chunk = [self.eval_set[i] for i in mine[start:start + self.cfg.rollout.batch_size]]
             out = self.rollout.generate(self.encode(chunk), greedy)
             scores = self.reward(out.texts, [s.answer for s in chunk])
@@ -351,10 +355,7 @@ class PAPOTrainer:
     def finish(self, history: list[dict]) -> dict:
         cfg = self.cfg
         summary = {"steps": len(history), "chance_accuracy": chance_accuracy(cfg.data.task)}
-        with_bar = tqdm(total=1, desc="held-out eval", disable=not dist_utils.is_main(), leave=False)
         summary["eval_accuracy"] = self.evaluate()
-        with_bar.update(1)
-        with_bar.close()
         if history:
             k = max(1, len(history) // 5)
             first = sum(h["reward"] for h in history[:k]) / k

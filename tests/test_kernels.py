@@ -291,3 +291,36 @@ def test_does_not_shadow_pypi_kernels(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
+
+
+def test_missing_compiler_clear_error_and_auto_fallback(tmp_path):
+    """Without a C++ compiler: backend="cpp" raises one clear message; "auto" warns once and uses chunked torch."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import warnings, torch, papo_kernels
+        g = torch.Generator().manual_seed(0)
+        h, hm, w = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.randn(30, 8, generator=g)
+        y = torch.randint(0, 30, (5,), generator=g)
+        try:
+            papo_kernels.fused_papo_head(h, hm, w, y, backend="cpp")
+            print("NO ERROR")
+        except RuntimeError as err:
+            print("ERROR:", err)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = papo_kernels.fused_papo_head(h, hm, w, y, backend="auto")
+            papo_kernels.fused_papo_head(h, hm, w, y, backend="auto")
+        ref = papo_kernels.papo_head_reference(h, hm, w, y)
+        print("WARNINGS:", len(caught), caught[0].message if caught else "")
+        print("MATCH:", all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out, ref)))
+    """)
+    env = dict(os.environ, CXX="/no/such/compiler", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
+    assert "no C++ compiler found" in lines["ERROR"] and "/no/such/compiler" in lines["ERROR"]
+    assert lines["WARNINGS"].strip().startswith("1 ") and "falling back" in lines["WARNINGS"]
+    assert lines["MATCH"].strip() == "True"

@@ -36,6 +36,8 @@ def test_run_leaves_metrics_plot_wandb_and_checkpoint(finished_run):
                 "response_length", "time/rollout", "time/old_logprobs", "time/update"):
         assert all(key in r for r in rows), key
     assert all(0.0 <= r["reward"] <= 1.0 for r in rows)
+    # perception reliance: one KL_prcp value per sampled sequence (4 prompts x 2 responses)
+    assert all(len(r["perception_reliance"]) == 8 and min(r["perception_reliance"]) >= 0 for r in rows)
     assert (out / "curves.png").stat().st_size > 10_000
     assert list((out / "wandb").glob("offline-run-*")), "no W&B offline run"
     summary = json.loads((out / "summary.json").read_text())
