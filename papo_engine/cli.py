@@ -20,6 +20,8 @@ def _train_parser(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="papo", description="PAPO engine: perception-aware RL for VLMs")
+    # the `deepspeed` launcher appends --local_rank=N; the rank is read from the environment instead
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     args = parser.parse_args(argv)

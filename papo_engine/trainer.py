@@ -361,7 +361,7 @@ class PAPOTrainer:
             first = sum(h["reward"] for h in history[:k]) / k
             last = sum(h["reward"] for h in history[-k:]) / k
             summary.update(reward_first_20pct=first, reward_last_20pct=last,
-                           reward_ratio=last / first if first > 0 else math.inf)
+                           reward_ratio=last / first if first > 0 else None)
         if cfg.trainer.save_final:
             path = self.out_dir / "checkpoint-final"
             self.engine.save_pretrained(path, self.tokenizer, self.image_processor)
