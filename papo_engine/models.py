@@ -44,10 +44,14 @@ def tiny_config(mcfg: ModelConfig, tokenizer) -> Qwen2_5_VLConfig:
 
 def load_tokenizer(mcfg: ModelConfig):
     path = Path(mcfg.path) if mcfg.path else TOKENIZER_DIR
+    if not (path / "tokenizer.json").is_file():
+        raise ConfigError(f"model.path={str(path)!r}: no tokenizer.json there (expected a Hugging Face "
+                          f"Qwen2.5-VL directory: config.json, tokenizer.json, weights)")
     try:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model.path={str(path)!r}: no loadable tokenizer there ({err})") from None
+        reason = " ".join(str(err).split())[:300]  # one line, whatever the library printed
+        raise ConfigError(f"model.path={str(path)!r}: tokenizer does not load ({reason})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = "<|endoftext|>"
     tokenizer.padding_side = "left"  # generation appends on the right

@@ -84,6 +84,18 @@ def test_cli_errors_are_one_line_exit_2(args):
     assert "Traceback" not in result.stderr
 
 
+def test_cli_malformed_yaml_and_unloadable_model_dir(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: {steps: 3\n")
+    empty_model_dir = tmp_path / "model"
+    empty_model_dir.mkdir()
+    for args, needle in ((["train", "--config", str(bad)], "malformed YAML"),
+                         (["train", f"model.path={empty_model_dir}", "logging.wandb=false"], "no tokenizer.json there")):
+        result = _papo(*args)
+        lines = [line for line in result.stderr.splitlines() if line.strip() and "WARNING" not in line]
+        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
+
+
 def test_cli_help_lists_options():
     result = _papo("train", "--help")
     assert result.returncode == 0
