@@ -23,7 +23,7 @@ CPU_STACK = [
     # real data (issue 6): local JSONL / Parquet / load_from_disk, and a maintained answer verifier
     "datasets==5.2.0",
     "pyarrow==26.0.1",
-    "math-verify[antlr4-13-2]==0.9.0",
+    "math-verify==0.9.0",
 ]
 
 setup(
