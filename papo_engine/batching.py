@@ -35,6 +35,7 @@ def select_prompts(pb: PromptBatch, index: list[int], repeat: int = 1) -> Prompt
         pixel_values=torch.cat([pb.pixel_values[slice(*rows[i])] for i in order]),
         image_grid_thw=torch.cat([pb.image_grid_thw[slice(*grids[i])] for i in order]),
         images_per_prompt=[pb.images_per_prompt[i] for i in order],
+        images=[pb.images[i] for i in order] if pb.images is not None else None,
     )
 
 
@@ -58,4 +59,5 @@ def concat_prompts(batches: list[PromptBatch], pad_id: int) -> PromptBatch:
         pixel_values=torch.cat([b.pixel_values for b in batches]),
         image_grid_thw=torch.cat([b.image_grid_thw for b in batches]),
         images_per_prompt=[k for b in batches for k in b.images_per_prompt],
+        images=[x for b in batches for x in b.images] if all(b.images is not None for b in batches) else None,
     )

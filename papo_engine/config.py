@@ -54,6 +54,15 @@ class DataConfig:
     seed: int = _f(0)
     min_pixels: int = _f(3136, low=784)
     max_pixels: int = _f(1003520, low=784)
+    # local datasets (the generated task is used when train_files is empty)
+    train_files: list = _f([], help="JSONL / Parquet files or datasets.save_to_disk folders; [] = generated task")
+    eval_files: list = _f([], help="held-out files in the same schema; [] = generated held-out split")
+    problem_key: str = _f("problem", help="column holding the question text")
+    answer_key: str = _f("answer", help="column holding the reference answer")
+    images_key: str = _f("images", help="column holding image(s): path(s) (relative to the file), bytes or PIL")
+    id_key: str = _f("id", help="column used as the record id in logs (row number when absent)")
+    strict: bool = _f(False, help="fail on the first bad record instead of skipping and counting it")
+    max_prompt_length: int = _f(0, low=0, help="prompt tokens incl. image tokens; longer samples are dropped, 0 = no limit")
 
 
 @dataclass
@@ -72,6 +81,11 @@ class RolloutConfig:
     top_p: float = _f(1.0, low=0.0, high=1.0, low_open=True)
     max_new_tokens: int = _f(24, low=1)
     batch_size: int = _f(64, low=1, help="sequences per generate call")
+    # vllm backend only
+    gpu_memory_utilization: float = _f(0.5, low=0.0, high=1.0, low_open=True, help="vllm: fraction for weights + KV cache")
+    enable_sleep_mode: bool = _f(True, help="vllm: release weights and KV cache while training")
+    weight_sync_bucket_mb: int = _f(512, low=1, help="max MB of gathered parameters pushed per call")
+    sync_check: bool = _f(True, help="compare greedy tokens of a fixed prompt between rollout engine and trainer")
 
 
 @dataclass
@@ -130,6 +144,7 @@ class DeepSpeedConfig:
     zero_stage: int = _f(0, choices=[0, 1, 2, 3])
     offload_optimizer: bool = _f(False)
     offload_params: bool = _f(False)
+    offload_states_during_rollout: bool = _f(False, help="move optimizer states/params off GPU while the rollout runs")
 
 
 @dataclass
@@ -149,6 +164,9 @@ class TrainerConfig:
     eval_every: int = _f(0, low=0, help="0 = evaluate only at the end")
     eval_samples: int = _f(200, low=1)
     save_final: bool = _f(True)
+    save_every: int = _f(50, low=0, help="checkpoint (model, optimizer, RNG, data position) every N steps; 0 = off")
+    keep_last: int = _f(2, low=1, help="complete checkpoints kept; older ones are deleted")
+    max_nonfinite_steps: int = _f(3, low=1, help="consecutive skipped non-finite steps before the run stops")
 
 
 @dataclass

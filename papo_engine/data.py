@@ -25,11 +25,16 @@ _SPLIT_OFFSET = {"train": 0, "eval": 1_000_003}
 
 @dataclass
 class Sample:
-    image: Image.Image
+    """One prompt: its images (one or more, in prompt order), the question text and the reference answer."""
+    images: list[Image.Image]
     question: str
     answer: str
     uid: str
-    caption: str  # what the image shows WITHOUT the answer (used only by the warm-start stage)
+    caption: str = ""  # what the image shows WITHOUT the answer (generated task only; used by the warm-start)
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0]
 
 
 def question_texts() -> list[str]:
@@ -74,7 +79,7 @@ def make_sample(task: str, index: int, split: str, seed: int, image_size: int) -
         answer, caption = str(count), f"I see {shape}s."
     else:
         raise ValueError(f"data.task={task!r}: must be one of {', '.join(_QUESTIONS)}")
-    return Sample(image=image, question=rng.choice(_QUESTIONS[task]), answer=answer, uid=f"{task}-{split}-{index}",
+    return Sample(images=[image], question=rng.choice(_QUESTIONS[task]), answer=answer, uid=f"{task}-{split}-{index}",
                   caption=caption)
 
 

@@ -93,6 +93,7 @@ class PromptBatch:
     pixel_values: torch.Tensor     # [num_patches, C*T*p*p], all images of all prompts
     image_grid_thw: torch.Tensor   # [num_images, 3]
     images_per_prompt: list[int]
+    images: list[list] | None = None  # the PIL images per prompt (rollout engines that take raw images)
 
     def patches_per_prompt(self) -> list[int]:
         rows = self.image_grid_thw.prod(-1).tolist()
@@ -115,7 +116,7 @@ def encode_prompts(questions: list[str], images: list[list], tokenizer, image_pr
         i += len(imgs)
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     return PromptBatch(enc["input_ids"], enc["attention_mask"], vision["pixel_values"], grid,
-                       [len(imgs) for imgs in images])
+                       [len(imgs) for imgs in images], [list(imgs) for imgs in images])
 
 
 def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:

@@ -140,7 +140,7 @@ class PAPOTrainer:
         return samples[self.rank * share:(self.rank + 1) * share]
 
     def encode(self, samples):
-        return encode_prompts([s.question for s in samples], [[s.image] for s in samples], self.tokenizer,
+        return encode_prompts([s.question for s in samples], [s.images for s in samples], self.tokenizer,
                               self.image_processor)
 
     # ------------------------------------------------------------------------------------------------------
