@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .config import ConfigError, config_help, load_config
+from .config import ConfigError, TrainingStopped, config_help, load_config
 
 
 def _train_parser(sub) -> None:
@@ -15,6 +15,9 @@ def _train_parser(sub) -> None:
                                    "--config FILE, then key.sub=value overrides.",
                        epilog="overrides (key=default  (allowed) — meaning):\n" + config_help())
     p.add_argument("--config", help="YAML file (see configs/)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue the run in trainer.output_dir from its latest complete checkpoint, or from "
+                        "CHECKPOINT (a checkpoints/step-NNNNNN folder)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=20 algo.gamma=0.02")
 
 
@@ -29,13 +32,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "train":
             from .trainer import PAPOTrainer
-            summary = PAPOTrainer(cfg).train()
+            summary = PAPOTrainer(cfg, resume=args.resume).train()
             from . import distributed as dist_utils
             if dist_utils.is_main():
                 print(json.dumps(summary, indent=2))
     except ConfigError as err:
         print(f"papo: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        print(f"papo: stopped: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     """A configuration problem, phrased as one line naming the key, the value and what is allowed."""
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps); a checkpoint was saved first."""
+
+
 def _f(default, *, choices=None, low=None, high=None, low_open=False, high_open=False, help=""):
     """A dataclass field with its allowed range/choices attached (checked in `_check_value`)."""
     meta = dict(choices=choices, low=low, high=high, low_open=low_open, high_open=high_open, help=help)

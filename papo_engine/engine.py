@@ -6,10 +6,12 @@ results do not depend on the number of ranks or micro-batches.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
+from . import distributed as dist_utils
 from .config import Config
 
 
@@ -31,7 +33,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     }
     ds["train_batch_size"] = cfg.trainer.micro_batch_size * world_size
     if cfg.model.dtype == "bfloat16":
-        ds["bf16"] = {"enabled": True}
+        # check_grad_overflow: ZeRO-1/2 then skip a step whose gradients are non-finite (fp32 does by default)
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
     return ds
 
 
@@ -74,15 +77,36 @@ class TrainingEngine:
         self.engine.set_gradient_accumulation_boundary(last_micro_batch)
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self) -> float:
-        """Optimizer step (clipping inside DeepSpeed); returns the pre-clip global gradient norm."""
-        if self.zero_stage == 0:  # DeepSpeed reports the norm only for its ZeRO optimizers
+    def step(self) -> tuple[float, bool]:
+        """Optimizer step (clipping inside DeepSpeed) unless the gradients are non-finite on any rank.
+
+        Returns (pre-clip global gradient norm, whether the step was applied). A skipped step changes neither
+        parameters nor optimizer state: its gradients are discarded.
+        """
+        if self.zero_stage == 0:  # DeepSpeed checks nothing for a plain torch optimizer: do it here
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            if not math.isfinite(norm):
+                self.engine.zero_grad()
+                return norm, False
+            self.engine.step()
+            return norm, True
+        if self.zero_stage == 3 and self._zero3_grads_nonfinite():
+            # ZeRO-3 checks for overflow only under fp16; discard the reduced gradient partitions ourselves
+            self.engine.optimizer._overflow_clean_up(self.engine.optimizer.loss_scale)
+            return float("nan"), False
+        # ZeRO-1/2 skip a non-finite step themselves (fp32 always, bf16 with check_grad_overflow) and report it
         self.engine.step()
-        if self.zero_stage > 0:
-            norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        return norm, not getattr(self.engine.optimizer, "overflow", False)
+
+    def _zero3_grads_nonfinite(self) -> bool:
+        from deepspeed.runtime.utils import has_inf_or_nan
+        optimizer = self.engine.optimizer
+        local = any(g is not None and has_inf_or_nan(g) for group in optimizer.averaged_gradients.values()
+                    for g in group)
+        return dist_utils.all_reduce_sum(float(local)) > 0
 
     def full_state_dict(self) -> dict | None:
         """Full weights on rank 0 (gathered from ZeRO-3 partitions when needed); None on other ranks."""

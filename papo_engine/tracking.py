@@ -20,20 +20,39 @@ def _has_wandb_key() -> bool:
 
 
 class Tracker:
+    """`resume_step`: continue a run — metrics.jsonl keeps only the steps before it (steps logged after the
+    checkpoint are re-done) and W&B continues `resume_run_id`."""
+
     def __init__(self, output_dir: Path, config: dict, use_wandb: bool, project: str, run_name: str | None,
-                 enabled: bool = True):
+                 enabled: bool = True, resume_run_id: str | None = None, resume_step: int | None = None):
         self.enabled = enabled
         self.metrics_path = output_dir / "metrics.jsonl"
         self.wandb_run = None
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._truncate(resume_step)
         self._file = self.metrics_path.open("a")
         if use_wandb:
-            self.wandb_run = self._start_wandb(output_dir, config, project, run_name)
+            self.wandb_run = self._start_wandb(output_dir, config, project, run_name, resume_run_id)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
+
+    def _truncate(self, first_step_to_redo: int) -> None:
+        if not self.metrics_path.is_file():
+            return
+        keep = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] < first_step_to_redo]
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.metrics_path)
 
     @staticmethod
-    def _start_wandb(output_dir: Path, config: dict, project: str, run_name: str | None):
+    def _start_wandb(output_dir: Path, config: dict, project: str, run_name: str | None,
+                     resume_run_id: str | None = None):
         try:
             import wandb
         except ImportError:
@@ -42,6 +61,8 @@ class Tracker:
         mode = os.environ.get("WANDB_MODE") or ("online" if _has_wandb_key() else "offline")
         kwargs = dict(project=project, name=run_name, config=config, dir=str(output_dir),
                       settings=wandb.Settings(silent=True, console="off"))
+        if resume_run_id:
+            kwargs.update(id=resume_run_id, resume="allow")
         try:
             return wandb.init(mode=mode, **kwargs)
         except Exception as err:  # network, key, quota: fall back, never stop training

@@ -10,6 +10,7 @@ import json
 import math
 import random
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .actor import SequenceBatch, response_token_stats
 from .algorithms import LossInputs, gamma_at, group_advantages, informative_groups, loss_settings, \
     overlong_penalty, papo_loss
 from .batching import concat_prompts, repeat_prompts, select_prompts
-from .config import Config, ConfigError
+from .config import Config, ConfigError, TrainingStopped
 from .data import GeneratedDataset, chance_accuracy
 from .head import FusedLMHead
 from .masking import mask_per_prompt
@@ -90,7 +92,8 @@ class Rollouts:
 
 
 class PAPOTrainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, resume: str | None = None):
+        """`resume`: "latest" or a checkpoint folder to continue from; None starts a new run."""
         self.cfg = cfg
         self.rank, self.world = dist_utils.init_distributed()
         if cfg.trainer.prompts_per_step % self.world:
@@ -98,6 +101,8 @@ class PAPOTrainer:
                               f"the number of ranks ({self.world})")
         seed_everything(cfg.trainer.seed)
         self.out_dir = Path(cfg.trainer.output_dir)
+        self.resume_from = self._resume_point(resume)
+        saved = ckpt.read_trainer_state(self.resume_from) if self.resume_from else ckpt.TrainerState(0, 0)
         self.tokenizer = load_tokenizer(cfg.model)
         self.image_processor = load_image_processor(cfg)
         model = load_policy(cfg.model, self.tokenizer, seed=cfg.trainer.seed)
@@ -108,9 +113,12 @@ class PAPOTrainer:
                                          cfg.data.image_size)
         self.reward = RewardRole(cfg)
         self.tracker = Tracker(self.out_dir, cfg.to_dict(), cfg.logging.wandb, cfg.logging.project,
-                               cfg.logging.run_name, enabled=dist_utils.is_main())
+                               cfg.logging.run_name, enabled=dist_utils.is_main(), resume_run_id=saved.wandb_run_id,
+                               resume_step=saved.step if self.resume_from else None)
         self.warmup_log: list[dict] = []
-        if cfg.warmup.steps > 0:
+        # a resumed policy already holds the warm-start; it is re-run only to rebuild the reference (β > 0),
+        # which is the post-warm-start policy and deterministic given the seed
+        if cfg.warmup.steps > 0 and (self.resume_from is None or cfg.algo.ref_kl_coef > 0):
             from .warmup import format_warmup
             self.warmup_log = format_warmup(model, self, cfg.warmup)
         from .engine import TrainingEngine, frozen_reference
@@ -123,6 +131,32 @@ class PAPOTrainer:
                                        cfg.rollout.max_new_tokens)
         self.settings = loss_settings(cfg.algo)
         self.data_cursor = 0
+        self.start_step, self.history, self.nonfinite_skipped = 0, [], 0
+        if self.resume_from is not None:
+            state = ckpt.load_checkpoint(self.resume_from, self.engine, self.rank)  # also this rank's RNG
+            self.data_cursor, self.start_step = state.data_cursor, state.step
+            self.history, self.nonfinite_skipped = state.history, state.nonfinite_skipped
+            if dist_utils.is_main():
+                print(f"papo: resumed from {self.resume_from} at step {self.start_step}", flush=True)
+
+    def _resume_point(self, resume: str | None) -> Path | None:
+        """The checkpoint to continue from; a new run refuses an output_dir that already holds a run."""
+        if resume is None:
+            if (self.out_dir / "metrics.jsonl").is_file() or ckpt.complete_checkpoints(self.out_dir):
+                raise ConfigError(f"trainer.output_dir={str(self.out_dir)!r} already holds a run: pass --resume to "
+                                  f"continue it, or set another trainer.output_dir")
+            return None
+        path = ckpt.resolve_resume(self.out_dir, resume)
+        ckpt.check_same_run(path, self.cfg.to_dict())
+        if dist_utils.is_main():
+            ckpt.remove_partial(self.out_dir)
+        return path
+
+    def save_checkpoint(self, step: int) -> Path:
+        state = ckpt.TrainerState(step=step, data_cursor=self.data_cursor, history=self.history,
+                                  wandb_run_id=self.tracker.run_id, nonfinite_skipped=self.nonfinite_skipped)
+        return ckpt.save_checkpoint(self.out_dir, self.engine, state, self.cfg.to_dict(), self.rank,
+                                    self.tokenizer, self.image_processor, self.cfg.trainer.keep_last)
 
     # ------------------------------------------------------------------------------------------------------
     # data
@@ -244,7 +278,10 @@ class PAPOTrainer:
         both = self.settings.masked_grad  # official: masked log-probs are the rollout-time constants
         sums: dict[str, float] = {}
         per_seq_kl = []
+        applied_all = True
+        grad_norm = 0.0
         for epoch in range(self.cfg.trainer.ppo_epochs):
+            loss_finite = True
             for i, (a, b) in enumerate(chunks):
                 mb = seqs.slice(a, b)
                 stats = response_token_stats(model, mb, both_branches=both, temperature=self.sampling.temperature)
@@ -262,6 +299,7 @@ class PAPOTrainer:
                     ref_logprobs=old["ref_logprobs"][a:b] if "ref_logprobs" in old else None)
                 loss, metrics = papo_loss(inputs, self.cfg.algo, gamma, token_normalizer=token_norm,
                                           seq_normalizer=global_seqs)
+                loss_finite = loss_finite and bool(torch.isfinite(loss))
                 # DeepSpeed averages gradients over ranks. Our loss is already a global mean, so undo that; the
                 # authors' (official) loss is a per-rank mean that they average the same way.
                 rank_scale = 1 if self.settings.official else self.world
@@ -274,11 +312,18 @@ class PAPOTrainer:
                         continue
                     sums[k] = sums.get(k, 0.0) + float(v) * weight
                 sums["loss"] = sums.get("loss", 0.0) + float(loss)
-            grad_norm = self.engine.step()
+            grad_norm, applied = self.engine.step()
+            # a non-finite loss makes non-finite gradients, which every rank's step() detects and discards;
+            # a non-finite loss with finite gradients is not expected, and is reported rather than trusted
+            loss_finite = dist_utils.all_reduce_sum(float(not loss_finite)) == 0
+            if applied and not loss_finite:
+                warnings.warn("non-finite loss but finite gradients: the step was applied")
+            applied_all = applied_all and applied
         total = float(seqs.response_mask.sum()) * self.cfg.trainer.ppo_epochs
         out = {f"update/{k}": v / max(total, 1.0) for k, v in sums.items() if k != "loss"}
         out["update/loss"] = sums.get("loss", 0.0) / self.cfg.trainer.ppo_epochs
         out["grad_norm"] = grad_norm
+        out["_applied"] = applied_all
         out["_per_seq_kl"] = torch.cat(per_seq_kl) if per_seq_kl else torch.zeros(0)
         return out
 
@@ -288,8 +333,9 @@ class PAPOTrainer:
     def train(self) -> dict:
         cfg = self.cfg
         steps = cfg.trainer.steps
-        bar = tqdm(range(steps), desc="PAPO", disable=not dist_utils.is_main(), dynamic_ncols=True)
-        history = []
+        bar = tqdm(range(self.start_step, steps), desc="PAPO", disable=not dist_utils.is_main(), dynamic_ncols=True,
+                   initial=self.start_step, total=steps)
+        consecutive_skips = 0
         for step in bar:
             timer = Timer()
             step_start = time.perf_counter()
@@ -306,6 +352,9 @@ class PAPOTrainer:
             with timer.phase("update"):
                 upd = self.update(seqs, advantages, old, gamma)
             per_seq_kl = upd.pop("_per_seq_kl")
+            applied = upd.pop("_applied")
+            consecutive_skips = 0 if applied else consecutive_skips + 1
+            self.nonfinite_skipped += 0 if applied else 1
             mask = seqs.response_mask
             metrics = {
                 "reward": float(batch.scores["reward"].mean()),
@@ -317,6 +366,7 @@ class PAPOTrainer:
                 "clip_fraction": upd.get("update/pg_clipfrac", 0.0),
                 "perception_reliance_mean": float(per_seq_kl.mean()) if len(per_seq_kl) else 0.0,
                 "gamma": gamma, "lr": lr, **upd, **info,
+                "nonfinite/skipped_step": float(not applied), "nonfinite/skipped_total": self.nonfinite_skipped,
                 **{f"time/{k}": v for k, v in timer.seconds.items()},
                 "time/step": time.perf_counter() - step_start,
             }
@@ -326,10 +376,21 @@ class PAPOTrainer:
             self.tracker.log(step, metrics, histograms={"perception_reliance": per_seq_kl.tolist()},
                              samples=[{"answer": batch.answers[0], "response": t, "reward": float(r)}
                                       for t, r in zip(batch.texts[:2], batch.scores["reward"][:2])])
-            history.append(metrics)
+            self.history.append(metrics)
+            if not applied:
+                tqdm.write(f"papo: step {step}: non-finite loss or gradient norm, update skipped "
+                           f"({consecutive_skips} in a row, {self.nonfinite_skipped} in total)")
+            if consecutive_skips >= cfg.trainer.max_nonfinite_steps:
+                path = self.save_checkpoint(step + 1)
+                raise TrainingStopped(f"{consecutive_skips} consecutive steps had a non-finite loss or gradient norm "
+                                      f"(trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}); stopped "
+                                      f"after saving {path}. Lower optim.lr or check the data of steps "
+                                      f"{step + 1 - consecutive_skips}..{step}")
+            if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0:
+                self.save_checkpoint(step + 1)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics.get('accuracy', 0):.2f}",
                             kl=f"{metrics['perception_kl']:.3f}")
-        return self.finish(history)
+        return self.finish(self.history)
 
     def _reduce_metrics(self, metrics: dict) -> dict:
         if self.world == 1:

@@ -1,0 +1,183 @@
+"""Crash-safe training checkpoints: written into a temporary folder, renamed into place, the last K kept.
+
+<output_dir>/checkpoints/step-000006/
+    deepspeed/            `engine.save_checkpoint`: model + optimizer (one file per rank under ZeRO)
+    hf/                   config.json, tokenizer, image-processor config (what `papo export` rebuilds from)
+    rng/rank-00000.pt     python, numpy and torch (+ CUDA) RNG states of each rank
+    trainer_state.json    step, data position, W&B run id, every step's metrics so far
+    config.yaml           the resolved configuration
+    COMPLETE              written last, before the rename; a folder without it is never resumed from
+
+All ranks write into `step-000006.tmp/` (on one node, or a shared filesystem across nodes), then rank 0
+renames it. A SIGKILL at any moment leaves either the old set of checkpoints or the new one, never a
+half-written folder under a final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .config import ConfigError
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+COMPLETE = "COMPLETE"
+DEEPSPEED_TAG = "state"
+# keys that may differ between the checkpoint's run and the resuming command (length, bookkeeping, logging)
+RESUMABLE_CHANGES = ("trainer.steps", "trainer.save_every", "trainer.keep_last", "trainer.eval_every",
+                     "trainer.max_nonfinite_steps", "logging.")
+
+
+@dataclass
+class TrainerState:
+    step: int                  # steps completed; training resumes at this step index
+    data_cursor: int
+    wandb_run_id: str | None = None
+    history: list = field(default_factory=list)
+    nonfinite_skipped: int = 0
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / COMPLETE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(output_dir: Path, resume: str) -> Path:
+    """`resume` is "latest" (the newest complete checkpoint in output_dir) or a checkpoint folder."""
+    if resume == "latest":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            raise ConfigError(f"--resume: no complete checkpoint under {checkpoints_dir(output_dir)} "
+                              f"(start without --resume, or point --resume at a checkpoint folder)")
+        return found[-1]
+    path = Path(resume)
+    if not (path / COMPLETE).is_file():
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE} file in it)")
+    return path
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same_run(checkpoint: Path, config: dict) -> None:
+    """Refuse to resume into a different run: every setting except length/bookkeeping/logging must match."""
+    saved = _flat(yaml.safe_load((checkpoint / "config.yaml").read_text()))
+    now = _flat(config)
+    differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
+              and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)]
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])
+        raise ConfigError(f"--resume {checkpoint}: the configuration differs from the checkpoint's run ({shown}"
+                          f"{' ...' if len(differ) > 5 else ''}); resume with the same settings or start a new "
+                          f"trainer.output_dir")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def save_checkpoint(output_dir: Path, training_engine, state: TrainerState, config: dict, rank: int,
+                    tokenizer, image_processor, keep_last: int) -> Path:
+    """Write checkpoint `step-{state.step}` atomically (every rank calls this); returns its final path."""
+    root = checkpoints_dir(output_dir)
+    final = root / f"step-{state.step:06d}"
+    tmp = root / f"{final.name}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    training_engine.engine.save_checkpoint(str(tmp / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False)
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
+    _barrier()
+    if rank == 0:
+        training_engine.module.config.save_pretrained(tmp / "hf")
+        tokenizer.save_pretrained(tmp / "hf")
+        image_processor.save_pretrained(tmp / "hf")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__))
+        _fsync_dir_files(tmp)
+        (tmp / COMPLETE).write_text(str(state.step))
+        if final.exists():  # the same step saved again (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _fsync_dir_files(folder: Path) -> None:
+    """Flush every file to disk before COMPLETE is written, so a power loss cannot leave COMPLETE on top of
+    empty files."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+
+
+def remove_partial(output_dir: Path) -> None:
+    """Delete leftovers of checkpoints whose writing was interrupted."""
+    root = checkpoints_dir(output_dir)
+    if root.is_dir():
+        for p in root.glob("*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, training_engine, rank: int) -> TrainerState:
+    """Model, optimizer and this rank's RNG states back in place; returns the trainer state to continue from."""
+    load_path, _ = training_engine.engine.load_checkpoint(
+        str(path / "deepspeed"), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise ConfigError(f"--resume {path}: DeepSpeed found no model state under {path / 'deepspeed'}")
+    rng_file = path / "rng" / f"rank-{rank:05d}.pt"
+    if not rng_file.is_file():
+        raise ConfigError(f"--resume {path}: no RNG state for rank {rank} ({rng_file} missing); was the run "
+                          f"saved with a different number of processes?")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: Path) -> TrainerState:
+    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))

@@ -1,0 +1,93 @@
+"""Stream the trainer's weights out in bounded buckets, for a rollout engine that holds its own copy (vLLM).
+
+`iter_weight_buckets(module, zero_stage, bucket_bytes)` yields lists of `(name, full_tensor)`:
+
+* names are the checkpoint names, i.e. what `save_pretrained` writes for this module (transformers 5 renames
+  `model.language_model.*` -> `model.*` and `model.visual.*` -> `visual.*` when saving Qwen2.5-VL), so the engine
+  receives exactly the names it reads from a checkpoint directory;
+* a bucket holds at most `bucket_bytes` of tensors, except a single tensor larger than that, which comes alone;
+* under ZeRO-3 each bucket's parameters are gathered with `deepspeed.zero.GatheredParameters` (collective: every
+  rank must drain the generator in the same order), one bucket at a time, never the whole model.
+
+Lifetime: a yielded tensor is a view of the live parameter (ZeRO-3: of the gathered buffer). It is valid until
+the consumer asks for the next bucket; under ZeRO-3 the partition is re-released at that point. Consume each
+bucket (copy it into the engine) before advancing; never `list(...)` the generator.
+
+Buffers are not pushed: Qwen2.5-VL's only buffers are the rotary `inv_freq` / `original_inv_freq` tensors
+(non-persistent, not in checkpoints); vLLM computes its own rotary tables from the config.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+
+def checkpoint_names(module: torch.nn.Module) -> dict[str, str]:
+    """{parameter name in the module: name `save_pretrained` writes}. Tied parameters appear once (first name),
+    as in `named_parameters()` and in the saved file.
+
+    transformers computes the saved names by reverting its load-time conversion mapping; it is run here on
+    meta placeholders (no data is touched). Should a conversion ever be more than a renaming (several tensors
+    fused into one), the module's own names are used instead: vLLM's Qwen2.5-VL loader maps both spellings.
+    """
+    names = [n for n, _ in module.named_parameters()]
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # older transformers: module names are the checkpoint names
+        return {n: n for n in names}
+    placeholders = {n: torch.empty(0, device="meta") for n in names}
+    owner = {id(t): n for n, t in placeholders.items()}
+    try:
+        reverted = revert_weight_conversion(module, dict(placeholders))
+    except Exception:  # noqa: BLE001 - any failure: keep the module's names
+        return {n: n for n in names}
+    out = {}
+    for saved, tensor in reverted.items():
+        src = owner.get(id(tensor))
+        if src is None:  # not a pure renaming
+            return {n: n for n in names}
+        out[src] = saved
+    if len(out) != len(names):
+        return {n: n for n in names}
+    return out
+
+
+def _full_nbytes(p: torch.Tensor) -> int:
+    """Bytes of the FULL tensor (ZeRO-3 partitions report their full size in `ds_numel`)."""
+    numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+    return int(numel) * p.element_size()
+
+
+def plan_buckets(module: torch.nn.Module, bucket_bytes: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    """Parameters in `named_parameters()` order, packed greedily into buckets of at most `bucket_bytes`."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes={bucket_bytes}: must be >= 1")
+    buckets, current, size = [], [], 0
+    for name, p in module.named_parameters():
+        nbytes = _full_nbytes(p)
+        if current and size + nbytes > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append((name, p))
+        size += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def iter_weight_buckets(module: torch.nn.Module, zero_stage: int,
+                        bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield `[(checkpoint_name, full_tensor), ...]` per bucket; see the module docstring for the lifetime rule."""
+    names = checkpoint_names(module)
+    for bucket in plan_buckets(module, bucket_bytes):
+        if zero_stage == 3:
+            import deepspeed
+
+            params = [p for _, p in bucket]
+            # read-only gather (modifier_rank=None): the partitions are not written back on exit
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield [(names[n], p.data.detach()) for n, p in bucket]
+            # leaving the context released the gathered data: the consumer is done with this bucket
+        else:
+            yield [(names[n], p.detach()) for n, p in bucket]
