@@ -48,9 +48,11 @@ _FIRST_UNIT = rf"(?:{_TEXT_UNIT}|(?<=[\s~,;:]){_UNIT_WORD}|(?:mm|cm|km|kg|mg|ml)
 _UNIT_TAIL = re.compile(rf"(?:\\[ ,;:]|~|\s)*(?P<unit>{_FIRST_UNIT}(?:(?:\s*/\s*|\s+)(?:{_TEXT_UNIT}|{_UNIT_WORD}))*)\s*$")
 _UNIT_NOISE = re.compile(rf"\\(?:{_TEXT_NAMES})|[\s{{}}\\]")
 _LATEX_CMD = re.compile(r"\\[A-Za-z]+")
-_EXPLOSIVE = re.compile(r"(?:\^|\*\*)\s*[{(]*\s*[\d.]+\s*[})]*\s*(?:\^|\*\*)"  # 10^{10^{10}}, 10^{10}^{10}
-                        r"|(?:\^|\*\*)\s*[{(]*\s*[-+]?\d{7,}"                 # 10^{1000000000}
-                        r"|[)}]\s*!|\d{6,}\s*!")                               # (10^{10})!, 1000000!
+_POW = r"(?:\^|\*\*)\s*[{(]*\s*[-+]?"
+_EXPLOSIVE = re.compile(rf"{_POW}[\d.]+\s*[}})]*\s*(?:\^|\*\*)"  # towers: 10^{10^{10}}, 10^{10}^{10}
+                        rf"|{_POW}\d{{7,}}"                    # huge exponents: 10^{1000000000}
+                        rf"|[)}}]\s*{_POW}\d{{3,}}"             # big powers of compound bases: (x+1)^{5000}
+                        r"|[)}]\s*!|\d{6,}\s*!|!\s*!")         # factorials: (10^{10})!, 1000000!, 10!!!
 _UNICODE = {"\u2212": "-", "\u00b0": "^\\circ", "\u00d7": "\\times "}
 
 

@@ -21,16 +21,56 @@ def _train_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=20 algo.gamma=0.02")
 
 
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="avg@k accuracy of a model directory on local benchmark files",
+                       description="avg@k accuracy at temperature T over local benchmark files (the training data "
+                                   "schema: problem, answer, images), a table on screen and a JSON report.")
+    p.add_argument("--model", required=True, help="Hugging Face model directory (e.g. checkpoint-final or a "
+                                                  "`papo export` output)")
+    p.add_argument("--data", nargs="+", required=True, help="benchmark files: JSONL, Parquet or save_to_disk folders")
+    p.add_argument("--k", type=int, default=8, help="responses per question (avg@k); default 8")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="eval.json", help="JSON report path (default eval.json)")
+    p.add_argument("--config", help="YAML file for data/rollout/reward settings (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.max_new_tokens=2048")
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="training checkpoint (any ZeRO stage) -> Hugging Face model directory")
+    p.add_argument("checkpoint", help="a <output_dir>/checkpoints/step-NNNNNN folder")
+    p.add_argument("out_dir", help="where to write config.json, model.safetensors, tokenizer and processor files")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="papo", description="PAPO engine: perception-aware RL for VLMs")
     # the `deepspeed` launcher appends --local_rank=N; the rank is read from the environment instead
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _eval_parser(sub)
+    _export_parser(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "resume", None) and "=" in args.resume:  # `--resume key=value`: an override, not a path
+        args.overrides.insert(0, args.resume)
+        args.resume = "latest"
     try:
+        if args.command == "export":
+            from .export import export_checkpoint
+            print(f"papo: exported to {export_checkpoint(args.checkpoint, args.out_dir)}")
+            return 0
+        if args.command == "eval":
+            args.overrides = [f"model.path={args.model}", *args.overrides]
         cfg = load_config(args.config, args.overrides)
-        if args.command == "train":
+        if args.command == "eval":
+            from pathlib import Path
+
+            from .evaluation import evaluate_files, format_table, write_report
+            report = evaluate_files(cfg, args.data, args.k, args.temperature, args.seed)
+            write_report(report, Path(args.output))
+            print(format_table(report))
+            print(f"papo: report written to {args.output}")
+        elif args.command == "train":
             from .trainer import PAPOTrainer
             summary = PAPOTrainer(cfg, resume=args.resume).train()
             from . import distributed as dist_utils

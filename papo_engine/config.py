@@ -339,6 +339,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.path={cfg.model.path!r}: directory not found")
     if cfg.model.path is None and cfg.data.image_size % 28 != 0:
         raise ConfigError(f"data.image_size={cfg.data.image_size}: must be a multiple of 28 (2x2 patches of 14 px)")
+    for key in ("train_files", "eval_files"):
+        for entry in getattr(cfg.data, key):
+            if not Path(entry).exists():
+                raise ConfigError(f"data.{key}: {entry!r} not found")
+    if cfg.data.train_files and cfg.warmup.steps > 0:
+        raise ConfigError(f"warmup.steps={cfg.warmup.steps}: the answer-format warm-start is for the generated task "
+                          f"only; set warmup.steps=0 with data.train_files")
+    if cfg.data.min_pixels > cfg.data.max_pixels:
+        raise ConfigError(f"data.min_pixels={cfg.data.min_pixels} > data.max_pixels={cfg.data.max_pixels}")
+    if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
+        raise ConfigError(f"deepspeed.offload_params=true needs deepspeed.zero_stage=3 "
+                          f"(got {cfg.deepspeed.zero_stage})")
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1")
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas={betas!r}: must be two numbers in [0, 1)")
     if cfg.rollout.n < 2:
         raise ConfigError(f"rollout.n={cfg.rollout.n}: must be >= 2 for group-normalized advantages")
     if cfg.model.num_heads % cfg.model.num_kv_heads or cfg.model.hidden_size % cfg.model.num_heads:
@@ -347,6 +364,9 @@ def validate(cfg: Config) -> None:
     if cfg.reward.accuracy_weight + cfg.reward.format_weight <= 0:
         raise ConfigError("reward.accuracy_weight + reward.format_weight must be > 0")
     if cfg.rollout.backend == "vllm":
+        if cfg.model.path is None:
+            raise ConfigError("rollout.backend='vllm' needs model.path (vLLM loads a model directory; the tiny "
+                              "model is built in memory — use rollout.backend=hf)")
         import importlib.util
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("rollout.backend='vllm': vllm is not installed (pip install 'papo-engine[gpu]' on a CUDA machine)")

@@ -1,13 +1,16 @@
 """Rewards: accuracy of the final answer plus a format reward (0.9 / 0.1 by default), pluggable by dotted path.
 
 A reward function takes (response text, reference answer) and returns a dict with at least "reward";
-the default also returns "accuracy" and "format" so they can be logged separately.
+the default also returns "accuracy" and "format" so they can be logged separately. Accuracy compares the
+extracted final answer with the reference through `answers.answers_match` (choice letters, words, math).
 """
 from __future__ import annotations
 
 import importlib
 import re
 from typing import Callable
+
+from .answers import answers_match
 
 _THINK_THEN_BOXED = re.compile(r"^\s*<think>.*?</think>\s*.*\\boxed\{.+\}\s*$", re.DOTALL)
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -38,20 +41,6 @@ def extract_answer(text: str) -> str | None:
     return tags[-1] if tags else None
 
 
-def normalize_answer(answer: str) -> str:
-    """Lower-case, strip spaces, surrounding $ and a trailing period; \\text{x} → x; '(B)' → 'b'."""
-    s = answer.strip().strip("$").strip()
-    s = re.sub(r"\\text\{(.*?)\}", r"\1", s)
-    s = s.rstrip(".").strip().lower()
-    s = re.sub(r"^\(([a-z])\)$", r"\1", s)
-    s = re.sub(r"\s+", " ", s)
-    try:  # numbers compare by value: "3.0" == "3", "+4" == "4"
-        value = float(s.replace(",", ""))
-        return repr(int(value)) if value.is_integer() else repr(value)
-    except ValueError:
-        return s
-
-
 def format_ok(response: str) -> bool:
     return bool(_THINK_THEN_BOXED.match(response))
 
@@ -59,7 +48,7 @@ def format_ok(response: str) -> bool:
 def accuracy_format_reward(response: str, answer: str, accuracy_weight: float = 0.9,
                            format_weight: float = 0.1) -> dict[str, float]:
     predicted = extract_answer(response)
-    accuracy = float(predicted is not None and normalize_answer(predicted) == normalize_answer(answer))
+    accuracy = float(predicted is not None and answers_match(predicted, answer))
     fmt = float(format_ok(response))
     return {"reward": accuracy_weight * accuracy + format_weight * fmt, "accuracy": accuracy, "format": fmt}
 

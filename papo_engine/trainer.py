@@ -28,6 +28,7 @@ from .algorithms import LossInputs, gamma_at, group_advantages, informative_grou
 from .batching import concat_prompts, repeat_prompts, select_prompts
 from .config import Config, ConfigError, TrainingStopped
 from .data import GeneratedDataset, chance_accuracy
+from .datasets import load_dataset_files
 from .head import FusedLMHead
 from .masking import mask_per_prompt
 from .models import PromptBatch, encode_prompts, load_image_processor, load_policy, load_tokenizer
@@ -107,10 +108,8 @@ class PAPOTrainer:
         self.image_processor = load_image_processor(cfg)
         model = load_policy(cfg.model, self.tokenizer, seed=cfg.trainer.seed)
         FusedLMHead.replace_in(model, cfg.kernels.fused_head, cfg.kernels.backend)
-        self.train_set = GeneratedDataset(cfg.data.task, "train", cfg.data.train_size, cfg.data.seed,
-                                          cfg.data.image_size)
-        self.eval_set = GeneratedDataset(cfg.data.task, "eval", cfg.data.eval_size, cfg.data.seed,
-                                         cfg.data.image_size)
+        self.train_set = self._dataset("train", cfg.data.train_files)
+        self.eval_set = self._dataset("eval", cfg.data.eval_files)
         self.reward = RewardRole(cfg)
         self.tracker = Tracker(self.out_dir, cfg.to_dict(), cfg.logging.wandb, cfg.logging.project,
                                cfg.logging.run_name, enabled=dist_utils.is_main(), resume_run_id=saved.wandb_run_id,
@@ -138,6 +137,13 @@ class PAPOTrainer:
             self.history, self.nonfinite_skipped = state.history, state.nonfinite_skipped
             if dist_utils.is_main():
                 print(f"papo: resumed from {self.resume_from} at step {self.start_step}", flush=True)
+
+    def _dataset(self, split: str, files: list):
+        """Local files when given, else the generated task's split."""
+        if files:
+            return load_dataset_files(files, self.cfg.data, self.tokenizer, self.image_processor, split)
+        size = self.cfg.data.train_size if split == "train" else self.cfg.data.eval_size
+        return GeneratedDataset(self.cfg.data.task, split, size, self.cfg.data.seed, self.cfg.data.image_size)
 
     def _resume_point(self, resume: str | None) -> Path | None:
         """The checkpoint to continue from; a new run refuses an output_dir that already holds a run."""
@@ -415,7 +421,9 @@ class PAPOTrainer:
 
     def finish(self, history: list[dict]) -> dict:
         cfg = self.cfg
-        summary = {"steps": len(history), "chance_accuracy": chance_accuracy(cfg.data.task)}
+        summary = {"steps": len(history)}
+        if not cfg.data.eval_files:
+            summary["chance_accuracy"] = chance_accuracy(cfg.data.task)
         summary["eval_accuracy"] = self.evaluate()
         if history:
             k = max(1, len(history) // 5)

@@ -1,4 +1,5 @@
-"""The same entry point under the `deepspeed` launcher: 2 processes (gloo on CPU), ZeRO-3, to completion."""
+"""The same entry point under the `deepspeed` launcher: 2 processes (gloo on CPU), ZeRO-3, to completion; its
+sharded training checkpoint exports to the same model the run saved."""
 import json
 import os
 import socket
@@ -24,7 +25,7 @@ def test_deepspeed_launcher_two_ranks_zero3(tmp_path, tiny):
     cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "papo_engine.cli",
            "train", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "deepspeed.zero_stage=3",
            "trainer.steps=2", "warmup.steps=2", "trainer.prompts_per_step=4", "rollout.n=2",
-           "rollout.max_new_tokens=8", "trainer.eval_samples=8", "logging.wandb=false",
+           "rollout.max_new_tokens=8", "trainer.eval_samples=8", "logging.wandb=false", "trainer.save_every=2",
            f"trainer.output_dir={tmp_path}"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
@@ -36,3 +37,11 @@ def test_deepspeed_launcher_two_ranks_zero3(tmp_path, tiny):
     expected = tiny[3].state_dict()
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in expected.items()}
     assert any(not torch.equal(saved[k], expected[k]) for k in expected)
+
+    # the ZeRO-3 training checkpoint (one shard per rank) exports to the model the run saved at the same step
+    shards = list((tmp_path / "checkpoints" / "step-000002" / "deepspeed" / "state").glob("*optim_states.pt"))
+    assert len(shards) == 2
+    from papo_engine.cli import main
+    assert main(["export", str(tmp_path / "checkpoints" / "step-000002"), str(tmp_path / "exported")]) == 0
+    from test_eval_export import assert_same_logits
+    assert_same_logits(tmp_path / "exported", tmp_path / "checkpoint-final", tiny)

@@ -1,0 +1,55 @@
+"""`papo export`: a training checkpoint (any ZeRO stage, any number of ranks) → a Hugging Face model directory
+(weights + config + tokenizer + image-processor config) that `from_pretrained` and vLLM load.
+
+ZeRO-3 checkpoints hold one parameter shard per rank; DeepSpeed's `zero_to_fp32` stitches the fp32 master
+shards back together offline (no process group, no GPU). Stages 0–2 keep whole module weights in the
+model-states file.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from .checkpoint import COMPLETE, DEEPSPEED_TAG
+from .config import ConfigError
+from .models import DTYPES
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    ds_dir = checkpoint / "deepspeed"
+    dtype = DTYPES[saved["model"]["dtype"]]
+    if saved["deepspeed"]["zero_stage"] == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DEEPSPEED_TAG)
+    else:
+        state = torch.load(ds_dir / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=False)["module"]
+    return {name: tensor.to(dtype) for name, tensor in state.items()}
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not (checkpoint / COMPLETE).is_file():
+        raise ConfigError(f"papo export: {checkpoint} is not a complete training checkpoint (no {COMPLETE} file; "
+                          f"expected <output_dir>/checkpoints/step-NNNNNN)")
+    state = consolidated_state_dict(checkpoint)
+    config = Qwen2_5_VLConfig.from_pretrained(checkpoint / "hf")
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ConfigError(f"papo export: {checkpoint} does not match its config "
+                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model.load_state_dict(state, assign=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for item in (checkpoint / "hf").iterdir():  # tokenizer and image-processor files
+        if item.name != "config.json":
+            shutil.copy2(item, out_dir / item.name)
+    return out_dir

@@ -1,0 +1,273 @@
+"""vLLM rollout: one in-process engine per rank, fed the trainer's weights, put to sleep while training.
+
+API followed: vLLM's offline `LLM` class as of v0.2x (checked against vllm-project/vllm sources of the v0.26
+generation: `vllm/entrypoints/llm.py`, `vllm/v1/executor/uniproc_executor.py`, `vllm/v1/engine/core.py`,
+`vllm/multimodal/processing/processor.py`, `vllm/model_executor/models/qwen2_5_vl.py`). What is relied on:
+
+* `LLM(model=dir, distributed_executor_backend="external_launcher", tensor_parallel_size=1, ...)`: every rank
+  builds its own engine inside the torchrun/deepspeed process (the executor reads RANK / LOCAL_RANK, creates
+  one worker, and asserts `VLLM_ENABLE_V1_MULTIPROCESSING=0`). With TP=1 the ranks form vLLM's "external data
+  parallel" dimension: each engine generates for its own prompts and never talks to the others after start-up.
+  Construction is collective (process groups, a min-reduce of free memory): all ranks build it together.
+* `worker_extension_cls="<module>.<Class>"` is mixed into the worker class; `llm.collective_rpc(name, args=...)`
+  calls its methods. In-process the call is a plain function call, so GPU tensors pass without copies.
+  `self.model_runner.model.load_weights(weights=[(name, tensor), ...])` is vLLM's checkpoint loader path; for
+  Qwen2.5-VL it maps both checkpoint spellings (`model.*`/`visual.*` and `model.language_model.*`/
+  `model.visual.*`) and fuses q/k/v and gate/up itself.
+* `llm.sleep(level=1)` offloads weights to CPU and drops the KV cache; `llm.wake_up(tags=["weights"])`, then the
+  weight push, then `llm.wake_up(tags=["kv_cache"])` (sleep mode is CUDA/ROCm only). Level 1, not 2: level 2
+  has had stale/garbage-weight bugs (vllm#16564, vllm#29341); level 1 costs a CPU copy of the weights.
+* Prompts as `{"prompt_token_ids": ids, "multi_modal_data": {"image": [PIL, ...]}}` with ONE `<|image_pad|>`
+  per image: token prompts skip the HF processor's text pass and vLLM applies Qwen2-VL's prompt update
+  (target `[image_token_id]`, replaced by grid_t*h*w/merge^2 pads). Already-expanded ids would be expanded a
+  second time, so the trainer's expanded runs are collapsed here, and the engine's expanded prompt length is
+  checked against the trainer's (same images -> same token count, else the log-probs would be misaligned).
+* `RequestOutput.outputs[k].token_ids` includes the EOS / stop token that ended the sequence (the scheduler
+  appends the sampled token before its stop check); nothing follows it.
+* After each generate: `reset_prefix_cache()`, `reset_mm_cache()` and, where the version has it,
+  `llm_engine.reset_encoder_cache()` (cached vision embeddings were computed with the old weights; the encoder
+  cache is also a known per-step leak); `mm_processor_cache_gb=0` disables the preprocessor cache.
+  Newer versions also clear these caches inside `sleep()`; doing it explicitly covers the older ones.
+* `generation_config="vllm"`: the checkpoint's generation_config.json is ignored (no extra default stop
+  tokens, repetition penalty or top-k leak into RL sampling); EOS is the tokenizer's, plus `stop_token_ids`.
+
+Not verifiable without a GPU here: everything that touches the real engine (sleep/wake, memory, CUDA graphs,
+vLLM's image processor producing the same grid as ours). `sync_check` compares greedy tokens with the
+trainer once after the first weight push to catch a broken push on the real machine.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Iterable, Sequence
+
+import torch
+
+from ..batching import select_prompts
+from ..config import Config, ConfigError
+from ..models import PromptBatch
+from ..prompts import VISION_TOKENS
+from .base import RolloutOutput, SamplingParams, response_mask_from_ids
+
+WORKER_EXTENSION = f"{__name__}.PAPOWorkerExtension"
+LOAD_METHOD = "papo_load_weights"
+SUPPRESS_BIAS = -100.0  # logit bias for vision tokens (vLLM applies it before sampling; exp(-100) ~ 0)
+
+
+class PAPOWorkerExtension:
+    """Mixed into vLLM's GPU worker (`worker_extension_cls`); reached through `LLM.collective_rpc`."""
+
+    def papo_load_weights(self, weights: Sequence[tuple[str, torch.Tensor]]) -> int:
+        """Copy one bucket of full tensors (checkpoint names) into the engine's model, in place."""
+        weights = list(weights)
+        self.model_runner.model.load_weights(weights=weights)
+        return len(weights)
+
+
+def collapse_image_pads(ids: list[int], image_token_id: int) -> tuple[list[int], int]:
+    """Each run of `image_token_id` becomes one token (the form vLLM expands itself); returns (ids, runs)."""
+    out, runs = [], 0
+    for i, t in enumerate(ids):
+        if t == image_token_id:
+            if i > 0 and ids[i - 1] == image_token_id:
+                continue
+            runs += 1
+        out.append(t)
+    return out, runs
+
+
+def strip_left_padding(pb: PromptBatch) -> PromptBatch:
+    """Drop the columns that are padding in every row (a batch of one prompt becomes unpadded)."""
+    keep = pb.attention_mask.bool().any(0)
+    start = int(keep.nonzero()[0]) if keep.any() else 0
+    return PromptBatch(pb.input_ids[:, start:], pb.attention_mask[:, start:], pb.pixel_values, pb.image_grid_thw,
+                       pb.images_per_prompt, pb.images)
+
+
+class VLLMRollout:
+    """`generate(prompts, sampling) -> RolloutOutput` with HFRollout's conventions, from a vLLM engine whose
+    weights are pushed with `sync_weights(buckets)`."""
+
+    needs_weight_sync = True  # HybridEngine: this backend holds its own copy of the weights
+
+    def __init__(self, cfg: Config, tokenizer, *, rank: int = 0, vllm_module=None,
+                 max_images_per_prompt: int = 4, engine_kwargs: dict | None = None):
+        if not cfg.model.path:
+            raise ConfigError("rollout.backend='vllm' needs model.path: a local Hugging Face Qwen2.5-VL directory "
+                              "(vLLM builds its engine from it; the tiny built-in model has none)")
+        # external_launcher asserts it: the engine core must run in this process, not a child
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        vllm = vllm_module if vllm_module is not None else importlib.import_module("vllm")
+        self.vllm, self.cfg, self.tokenizer = vllm, cfg, tokenizer
+        self.sleep_mode = cfg.rollout.enable_sleep_mode
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.suppress = [int(t) for t in tokenizer.convert_tokens_to_ids(VISION_TOKENS)]
+        kwargs = dict(
+            tensor_parallel_size=1,
+            distributed_executor_backend="external_launcher",
+            dtype=cfg.model.dtype,
+            seed=cfg.trainer.seed + rank,  # TP=1: ranks are independent engines, so different sampling streams
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            enable_sleep_mode=self.sleep_mode,
+            worker_extension_cls=WORKER_EXTENSION,
+            limit_mm_per_prompt={"image": max_images_per_prompt},
+            mm_processor_cache_gb=0,  # no preprocessor cache across RL steps
+            mm_processor_kwargs={"min_pixels": cfg.data.min_pixels, "max_pixels": cfg.data.max_pixels},
+            generation_config="vllm",
+        )
+        if cfg.data.max_prompt_length > 0:
+            kwargs["max_model_len"] = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+        kwargs.update(engine_kwargs or {})
+        self.llm = vllm.LLM(model=cfg.model.path, **kwargs)
+        self.sleeping: set[str] = set()
+        self.pushes = 0
+        if self.sleep_mode:  # hand the memory back to the trainer until the first rollout
+            self._sleep()
+
+    # ------------------------------------------------------------------------------------------------------
+    # engine state
+
+    def _sleep(self) -> None:
+        self.llm.sleep(level=1)
+        self.sleeping = {"weights", "kv_cache"}
+
+    def _wake(self, tags: list[str] | None = None) -> None:
+        """Wake the given tags (None: everything still asleep); a no-op for tags already awake."""
+        todo = set(self.sleeping) if tags is None else self.sleeping & set(tags)
+        if not todo:
+            return
+        if todo == {"weights", "kv_cache"}:
+            self.llm.wake_up()  # tags=None: all memory
+        else:
+            self.llm.wake_up(tags=sorted(todo))
+        self.sleeping -= todo
+
+    def _clear_caches(self) -> None:
+        """KV prefixes and vision embeddings are functions of the weights: drop them before weights change."""
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+        reset_encoder = getattr(self.llm, "reset_encoder_cache", None) or \
+            getattr(getattr(self.llm, "llm_engine", None), "reset_encoder_cache", None)
+        if reset_encoder is not None:
+            reset_encoder()
+
+    # ------------------------------------------------------------------------------------------------------
+    # weights
+
+    def sync_weights(self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]],
+                     before_kv_cache=None) -> dict:
+        """wake(weights) -> push every bucket through collective_rpc -> [before_kv_cache()] -> wake(kv_cache).
+
+        `before_kv_cache` runs after the last bucket and before the KV cache is allocated (HybridEngine offloads
+        the trainer's parameters there). The engine is left awake; `generate` puts it back to sleep."""
+        self._wake(["weights"])
+        tensors = nbytes = count = 0
+        for bucket in buckets:
+            bucket = list(bucket)
+            if not bucket:
+                continue
+            self.llm.collective_rpc(LOAD_METHOD, args=(bucket,))
+            count += 1
+            tensors += len(bucket)
+            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        if before_kv_cache is not None:
+            before_kv_cache()
+        self._wake(["kv_cache"])
+        self.pushes += 1
+        return {"buckets": count, "tensors": tensors, "bytes": nbytes}
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """RolloutBackend protocol: one bucket with everything."""
+        self.sync_weights([list(named_tensors)])
+
+    # ------------------------------------------------------------------------------------------------------
+    # generation
+
+    def _requests(self, prompts: PromptBatch) -> tuple[list[dict], list[int]]:
+        if prompts.images is None:
+            raise ValueError("VLLMRollout needs PromptBatch.images (the raw PIL images): vLLM runs its own "
+                             "image processor")
+        requests, lengths = [], []  # lengths: (trainer's expanded length, collapsed length)
+        for b in range(prompts.input_ids.shape[0]):
+            ids = prompts.input_ids[b][prompts.attention_mask[b].bool()].tolist()
+            collapsed, runs = collapse_image_pads(ids, self.image_token_id)
+            images = list(prompts.images[b])
+            if runs != len(images) or runs != prompts.images_per_prompt[b]:
+                raise ValueError(f"prompt {b}: {runs} image placeholder runs but {len(images)} images")
+            requests.append({"prompt_token_ids": collapsed, "multi_modal_data": {"image": images}})
+            lengths.append((len(ids), len(collapsed)))
+        return requests, lengths
+
+    def _sampling_params(self, sampling: SamplingParams):
+        greedy = sampling.temperature == 0
+        return self.vllm.SamplingParams(
+            n=sampling.n,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            stop_token_ids=[self.tokenizer.eos_token_id],
+            logit_bias={t: SUPPRESS_BIAS for t in self.suppress},  # a sampled <|image_pad|> has no features
+            detokenize=False,  # texts are decoded here, exactly as HFRollout does
+        )
+
+    @torch.no_grad()
+    def generate(self, prompts: PromptBatch, sampling: SamplingParams) -> RolloutOutput:
+        requests, lengths = self._requests(prompts)
+        self._wake()
+        try:
+            outputs = self.llm.generate(requests, self._sampling_params(sampling), use_tqdm=False)
+        finally:
+            self._clear_caches()
+            if self.sleep_mode:
+                self._sleep()
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        rows = []
+        for g, (req, expected) in enumerate(zip(outputs, lengths)):
+            seen = getattr(req, "prompt_token_ids", None)  # the engine's processed (expanded) prompt
+            if seen is not None and len(seen) not in expected:
+                raise RuntimeError(
+                    f"prompt {g}: vLLM expanded it to {len(seen)} tokens, the trainer's prompt has {expected[0]}: the "
+                    f"engine's image processor sizes the images differently (check min/max_pixels and the "
+                    f"checkpoint's preprocessor_config.json)")
+            completions = sorted(req.outputs, key=lambda c: c.index)
+            if len(completions) != sampling.n:
+                raise RuntimeError(f"prompt {g}: {len(completions)} completions, expected n={sampling.n}")
+            for c in completions:
+                ids = list(c.token_ids)
+                if eos in ids:  # vLLM stops there already; keep the eos, nothing after it
+                    ids = ids[:ids.index(eos) + 1]
+                rows.append(ids)
+        if len(rows) != len(lengths) * sampling.n:
+            raise RuntimeError(f"{len(rows)} responses for {len(lengths)} prompts x n={sampling.n}")
+        width = max(1, max(len(r) for r in rows))
+        response_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        valid = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            response_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            valid[i, :len(r)] = True
+        mask = response_mask_from_ids(response_ids, eos) * valid.float()
+        texts = self.tokenizer.batch_decode(response_ids.masked_fill(mask == 0, pad), skip_special_tokens=True)
+        return RolloutOutput(response_ids, mask, texts)
+
+    # ------------------------------------------------------------------------------------------------------
+    # consistency with the trainer
+
+    def sync_check(self, prompts: PromptBatch, module, *, synced_gpus: bool = False,
+                   max_new_tokens: int = 8) -> float:
+        """Greedy-decode the first prompt with this engine and with the trainer's module (through HFRollout);
+        the fraction of response positions where the tokens agree (1.0 = identical responses).
+
+        bf16 kernels differ between vLLM and HF, so a late divergence on a near-tie is possible with correct
+        weights; a broken or missing push diverges from the first tokens."""
+        from .hf import HFRollout
+
+        one = strip_left_padding(select_prompts(prompts, [0]))
+        greedy = SamplingParams(1, 0.0, 1.0, max_new_tokens)
+        mine = self.generate(one, greedy)
+        theirs = HFRollout(module, self.tokenizer, batch_size=1, synced_gpus=synced_gpus).generate(one, greedy)
+        a = mine.response_ids[0][mine.response_mask[0].bool()].tolist()
+        b = theirs.response_ids[0][theirs.response_mask[0].bool()].tolist()
+        total = max(len(a), len(b))
+        if total == 0:
+            return 1.0
+        return sum(x == y for x, y in zip(a, b)) / total

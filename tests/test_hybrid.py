@@ -1,0 +1,478 @@
+"""Hybrid engine: weight buckets (ZeRO-0 and ZeRO-3), the vLLM rollout driven through an honest stand-in of
+vLLM's API (tests/fake_vllm.py, real generation with the tiny Qwen2.5-VL), call order per training step, the
+sync check, and the output contract shared with HFRollout."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fake_vllm  # noqa: E402
+
+from papo_engine.batching import select_prompts  # noqa: E402
+from papo_engine.config import Config, ConfigError  # noqa: E402
+from papo_engine.data import GeneratedDataset  # noqa: E402
+from papo_engine.hybrid import HybridEngine  # noqa: E402
+from papo_engine.models import encode_prompts  # noqa: E402
+from papo_engine.rollout import build_rollout  # noqa: E402
+from papo_engine.rollout.base import SamplingParams, response_mask_from_ids  # noqa: E402
+from papo_engine.rollout.hf import HFRollout  # noqa: E402
+from papo_engine.rollout.vllm import VLLMRollout, collapse_image_pads  # noqa: E402
+from papo_engine.weight_sync import checkpoint_names, iter_weight_buckets  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+class Timer:  # the trainer's Timer interface (phase(name) context manager, seconds per name)
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class FakeDeepSpeed:
+    def __init__(self, log):
+        self.log = log
+
+    def offload_states(self, include=None):
+        self.log.append(("offload_states", None if include is None else sorted(x.value for x in include)))
+
+    def reload_states(self):
+        self.log.append(("reload_states",))
+
+
+class FakeTrainingEngine:
+    """TrainingEngine's surface used by HybridEngine: .module, .zero_stage, .engine (offload/reload)."""
+
+    def __init__(self, module, log=None, zero_stage=0):
+        self.module, self.zero_stage = module, zero_stage
+        self.engine = FakeDeepSpeed(log if log is not None else [])
+
+
+def perturbed(model, seed=1):
+    """A copy with different weights everywhere, and a negated lm_head (greedy tokens change for sure)."""
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        m.lm_head.weight.neg_()
+    return m
+
+
+def cfg_for(model_dir, **rollout):
+    cfg = Config()
+    cfg.model.path = str(model_dir)
+    cfg.rollout.backend = "vllm"
+    cfg.rollout.sync_check = False
+    for k, v in rollout.items():
+        setattr(cfg.rollout, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny, tmp_path_factory):
+    _, tokenizer, processor, model = tiny
+    path = tmp_path_factory.mktemp("tiny_hf")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    _, tokenizer, processor, _ = tiny
+    ds = GeneratedDataset("shape_color", "train", 8, seed=0, image_size=56)
+    samples = [ds[i] for i in range(3)]
+    return encode_prompts([s.question for s in samples], [s.images for s in samples], tokenizer, processor)
+
+
+@pytest.fixture(autouse=True)
+def launcher_env(monkeypatch):
+    """What torchrun/deepspeed (or papo_engine.distributed.prepare_environment) provide in a real run."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+
+def make_rollout(cfg, tokenizer, **kwargs):
+    return VLLMRollout(cfg, tokenizer, vllm_module=fake_vllm, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# weight buckets
+
+
+def test_buckets_cover_every_parameter_once_under_checkpoint_names_within_the_limit(tiny, tmp_path):
+    _, _, _, model = tiny
+    trainer = perturbed(model)
+    trainer.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    limit = 64 * 1024
+    seen, sizes = {}, []
+    for bucket in iter_weight_buckets(trainer, zero_stage=0, bucket_bytes=limit):
+        sizes.append((len(bucket), sum(t.numel() * t.element_size() for _, t in bucket)))
+        for name, t in bucket:
+            assert name not in seen, f"{name} pushed twice"
+            seen[name] = t.clone()
+    assert len(sizes) > 3, sizes
+    assert all(nbytes <= limit or count == 1 for count, nbytes in sizes), sizes
+    assert any(nbytes > limit for _, nbytes in sizes)  # the embedding is larger than a bucket: alone
+    assert set(seen) == set(saved)  # exactly what save_pretrained writes
+    for name, t in seen.items():
+        assert torch.equal(t, saved[name]), name
+    assert set(checkpoint_names(trainer).values()) == set(saved)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_zero3_single_process_gathers_full_tensors_per_bucket(tmp_path):
+    out = tmp_path / "verdict.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()))
+    result = subprocess.run([sys.executable, __file__, "zero3", str(out)], capture_output=True, text=True,
+                            cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    v = json.loads(out.read_text())
+    assert v["partitioned_before"] and v["partitioned_after"]  # ZeRO-3 really held shards only
+    assert v["mismatched"] == [] and v["missing"] == [] and v["duplicates"] == []
+    assert v["buckets"] > 3 and all(nbytes <= v["limit"] or count == 1 for count, nbytes in v["sizes"])
+
+
+def _zero3_main(out_path: str) -> None:
+    """Subprocess body: DeepSpeed ZeRO-3 on one gloo rank; buckets must equal the unpartitioned weights."""
+    from papo_engine.distributed import init_distributed
+    init_distributed()
+    from papo_engine.config import load_config
+    from papo_engine.engine import TrainingEngine
+    from papo_engine.head import FusedLMHead
+    from papo_engine.models import load_policy, load_tokenizer
+
+    cfg = load_config(None, ["deepspeed.zero_stage=3", "trainer.micro_batch_size=2"])
+    model = load_policy(cfg.model, load_tokenizer(cfg.model), seed=0)
+    FusedLMHead.replace_in(model, fused=True, backend="torch")
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.add_(0.01 * (i + 1))
+    reference = {checkpoint_names(model)[n]: p.detach().clone() for n, p in model.named_parameters()}
+    engine = TrainingEngine(model, cfg, 1)
+    params = list(engine.module.parameters())
+    verdict = {"partitioned_before": all(p.numel() == 0 for p in params), "limit": 48 * 1024,
+               "mismatched": [], "duplicates": [], "sizes": []}
+    seen = set()
+    for bucket in iter_weight_buckets(engine.module, zero_stage=3, bucket_bytes=verdict["limit"]):
+        verdict["sizes"].append((len(bucket), sum(t.numel() * t.element_size() for _, t in bucket)))
+        for name, t in bucket:
+            if name in seen:
+                verdict["duplicates"].append(name)
+            seen.add(name)
+            if name not in reference or not torch.equal(t.float(), reference[name].float()):
+                verdict["mismatched"].append(name)
+    verdict["missing"] = sorted(set(reference) - seen)
+    verdict["buckets"] = len(verdict["sizes"])
+    verdict["partitioned_after"] = all(p.numel() == 0 for p in params)
+    Path(out_path).write_text(json.dumps(verdict))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the rollout engine through the stand-in
+
+
+def test_vllm_needs_model_path_and_builds_like_the_trainer(tiny, model_dir):
+    cfg, tokenizer, _, model = tiny
+    plain = Config()
+    plain.rollout.backend = "vllm"
+    with pytest.raises(ConfigError, match="model.path"):
+        VLLMRollout(plain, tokenizer, vllm_module=fake_vllm)
+    hf = build_rollout(Config(), model, tokenizer, world_size=1)
+    assert isinstance(hf, HFRollout) and not hf.synced_gpus
+    vcfg = cfg_for(model_dir)
+    rollout = build_rollout(vcfg, model, tokenizer, world_size=1, vllm_module=fake_vllm)
+    assert isinstance(rollout, VLLMRollout)
+    kw = rollout.llm.kwargs
+    assert kw["distributed_executor_backend"] == "external_launcher" and kw["tensor_parallel_size"] == 1
+    assert kw["enable_sleep_mode"] is True and kw["worker_extension_cls"].endswith("PAPOWorkerExtension")
+    assert kw["mm_processor_cache_gb"] == 0 and kw["limit_mm_per_prompt"]["image"] >= 1
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert rollout.llm.calls == [("sleep", 1)]  # memory goes back to the trainer right away
+
+
+def test_collapse_image_pads():
+    assert collapse_image_pads([1, 9, 9, 9, 2, 9, 9, 3], 9) == ([1, 9, 2, 9, 3], 2)
+    assert collapse_image_pads([9], 9) == ([9], 1)
+
+
+def test_call_order_per_step_and_one_push_per_step(tiny, model_dir, prompts):
+    _, tokenizer, _, model = tiny
+    cfg = cfg_for(model_dir)
+    rollout = make_rollout(cfg, tokenizer)
+    llm = rollout.llm
+    llm.calls.clear()
+    hybrid = HybridEngine(FakeTrainingEngine(perturbed(model)), rollout, cfg)
+    sampling = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=3)
+    timer = Timer()
+    hybrid.generate(prompts, sampling, timer)
+    hybrid.generate(prompts, sampling, timer)  # DAPO regeneration in the same step: no second push
+    kinds = [c[0] for c in llm.calls]
+    loads = kinds.count("load")
+    assert loads >= 1
+    after_generate = ["generate", "reset_prefix_cache", "reset_mm_cache", "reset_encoder_cache", "sleep"]
+    assert llm.calls[0] == ("wake_up", ("weights",))
+    assert kinds[1:1 + loads] == ["load"] * loads
+    assert llm.calls[1 + loads] == ("wake_up", ("kv_cache",))
+    assert kinds[2 + loads:] == after_generate + ["wake_up"] + after_generate
+    assert llm.calls[-1] == ("sleep", 1) and llm.calls[2 + loads + len(after_generate)] == ("wake_up", None)
+    assert set(timer.seconds) == {"weight_sync", "rollout"}
+
+    llm.calls.clear()
+    hybrid.mark_weights_updated()  # next step: pushed again, once
+    hybrid.generate(prompts, sampling, timer)
+    kinds = [c[0] for c in llm.calls]
+    assert kinds[0] == "wake_up" and kinds.count("load") == loads and kinds.count("generate") == 1
+    assert hybrid.syncs == 2 and hybrid.last_sync_stats["tensors"] == len(list(model.parameters()))
+
+
+def test_every_parameter_pushed_once_per_step_with_the_trainers_values(tiny, model_dir, prompts, tmp_path):
+    _, tokenizer, _, model = tiny
+    trainer = perturbed(model)
+    trainer.save_pretrained(tmp_path)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        saved_names = set(f.keys())
+    cfg = cfg_for(model_dir, weight_sync_bucket_mb=1)
+    rollout = make_rollout(cfg, tokenizer)
+    engine_model = rollout.llm.hf_model
+    assert not torch.equal(engine_model.lm_head.weight, trainer.lm_head.weight)  # a missing push would show
+    hybrid = HybridEngine(FakeTrainingEngine(trainer), rollout, cfg)
+    hybrid.generate(prompts, SamplingParams(2, 1.0, 1.0, 2), None)
+    pushed = [n for c in rollout.llm.calls if c[0] == "load" for n in c[1]]
+    assert len(pushed) == len(set(pushed)) == len(saved_names)
+    assert set(pushed) == saved_names
+    mine = dict(trainer.named_parameters())
+    for name, p in engine_model.named_parameters():
+        assert torch.equal(p, mine[name]), name
+
+
+def test_small_buckets_through_the_engine(tiny, model_dir, prompts):
+    _, tokenizer, _, model = tiny
+    cfg = cfg_for(model_dir)
+    rollout = make_rollout(cfg, tokenizer)
+    trainer = perturbed(model)
+    limit = 32 * 1024
+    stats = rollout.sync_weights(iter_weight_buckets(trainer, 0, limit))
+    loads = [c[1] for c in rollout.llm.calls if c[0] == "load"]
+    assert stats["buckets"] == len(loads) > 3
+    params = {checkpoint_names(trainer)[n]: p for n, p in trainer.named_parameters()}
+    for names in loads:
+        size = sum(params[n].numel() * params[n].element_size() for n in names)
+        assert size <= limit or len(names) == 1
+    assert sorted(n for names in loads for n in names) == sorted(params)
+
+
+def test_offload_states_wrap_the_rollout_and_parameters_leave_after_the_push(tiny, model_dir, prompts):
+    _, tokenizer, _, model = tiny
+    cfg = cfg_for(model_dir)
+    cfg.deepspeed.offload_states_during_rollout = True
+    rollout = make_rollout(cfg, tokenizer)
+    log = rollout.llm.calls
+    log.clear()
+    hybrid = HybridEngine(FakeTrainingEngine(perturbed(model), log=log), rollout, cfg)
+    timer = Timer()
+    hybrid.generate(prompts, SamplingParams(2, 1.0, 1.0, 2), timer)
+    kinds = [c[0] for c in log]
+    assert kinds[0] == "offload_states" and "lp_params" not in log[0][1] and "optim_states" in log[0][1]
+    second = kinds.index("offload_states", 1)
+    assert log[second] == ("offload_states", ["lp_params"])
+    assert log[1] == ("wake_up", ("weights",))
+    assert kinds.index("load") < second < log.index(("wake_up", ("kv_cache",)))  # after the push, before KV
+    assert kinds[-2:] == ["sleep", "reload_states"]
+    log.clear()
+    hybrid.generate(prompts, SamplingParams(2, 1.0, 1.0, 2), timer)  # same step: everything offloaded at once
+    assert log[0] == ("offload_states", None) and [c[0] for c in log][-1] == "reload_states"
+    assert "load" not in [c[0] for c in log]
+    assert {"offload", "weight_sync", "rollout"} <= set(timer.seconds)
+
+
+def test_engine_refuses_work_while_asleep(tiny, model_dir, prompts):
+    _, tokenizer, _, model = tiny
+    rollout = make_rollout(cfg_for(model_dir), tokenizer)
+    with pytest.raises(RuntimeError, match="asleep"):
+        rollout.llm.generate([{"prompt_token_ids": [1, 2]}], fake_vllm.SamplingParams(max_tokens=1))
+    with pytest.raises(RuntimeError, match="asleep"):
+        rollout.llm.collective_rpc("papo_load_weights", args=([("lm_head.weight", model.lm_head.weight)],))
+    # a full push first wakes the weights, then loads
+    rollout.sync_weights(iter_weight_buckets(model, 0, 1 << 20))
+    assert rollout.sleeping == set()
+
+
+def test_sync_check_detects_stale_weights_and_passes_after_a_push(tiny, model_dir, prompts):
+    _, tokenizer, _, model = tiny
+    trainer = perturbed(model)
+    rollout = make_rollout(cfg_for(model_dir), tokenizer)
+    assert rollout.sync_check(prompts, trainer) < 1.0  # engine still holds the checkpoint's weights
+    rollout.sync_weights(iter_weight_buckets(trainer, 0, 1 << 20))
+    assert rollout.sync_check(prompts, trainer) == 1.0
+
+
+def test_hybrid_runs_the_sync_check_once_and_warns_on_mismatch(tiny, model_dir, prompts, monkeypatch, caplog):
+    _, tokenizer, _, model = tiny
+    cfg = cfg_for(model_dir, sync_check=True)
+    hybrid = HybridEngine(FakeTrainingEngine(perturbed(model)), make_rollout(cfg, tokenizer), cfg)
+    sampling = SamplingParams(2, 1.0, 1.0, 2)
+    timer = Timer()
+    hybrid.generate(prompts, sampling, timer)
+    assert hybrid.last_sync_check == 1.0 and "sync_check" in timer.seconds
+    hybrid.mark_weights_updated()
+    hybrid.last_sync_check = None
+    hybrid.generate(prompts, sampling, timer)
+    assert hybrid.last_sync_check is None  # only after the first push
+
+    import papo_engine.weight_sync as ws
+    monkeypatch.setattr(ws, "iter_weight_buckets", lambda *a, **k: iter(()))  # a push that sends nothing
+    broken = HybridEngine(FakeTrainingEngine(perturbed(model)), make_rollout(cfg, tokenizer), cfg)
+    with caplog.at_level(logging.WARNING, logger="papo_engine.hybrid"):
+        broken.generate(prompts, sampling, None)
+    assert broken.last_sync_check < 1.0
+    assert any("sync check" in r.getMessage() for r in caplog.records)
+
+
+def test_greedy_output_equals_hf_rollout_prompt_major(tiny, model_dir, prompts):
+    _, tokenizer, _, model = tiny
+    trainer = perturbed(model)
+    rollout = make_rollout(cfg_for(model_dir), tokenizer)
+    rollout.sync_weights(iter_weight_buckets(trainer, 0, 1 << 20))
+    greedy = SamplingParams(n=2, temperature=0.0, top_p=1.0, max_new_tokens=5)
+    mine = rollout.generate(prompts, greedy)
+    theirs = HFRollout(trainer, tokenizer, batch_size=64).generate(prompts, greedy)
+    assert mine.response_ids.shape == theirs.response_ids.shape == (3 * 2, theirs.response_ids.shape[1])
+    assert torch.equal(mine.response_ids, theirs.response_ids)
+    assert torch.equal(mine.response_mask, theirs.response_mask) and mine.response_mask.dtype == torch.float32
+    assert mine.texts == theirs.texts
+    # prompt-major: row g*n + k answers prompt g; each prompt alone gives its own rows
+    for g in range(3):
+        alone = rollout.generate(select_prompts(prompts, [g]), greedy)
+        assert torch.equal(alone.response_ids[:, :mine.response_ids.shape[1]],
+                           mine.response_ids[2 * g:2 * g + 2, :alone.response_ids.shape[1]])
+
+
+def test_mask_convention_eos_included_pad_after(tiny, model_dir, prompts, monkeypatch):
+    """Engine outputs of every shape (EOS early/late/absent, completions listed out of order) become HFRollout's
+    layout: prompt-major rows, pad after the EOS, mask 1 through the EOS (response_mask_from_ids)."""
+    _, tokenizer, _, _ = tiny
+    rollout = make_rollout(cfg_for(model_dir), tokenizer)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    canned = {0: [[5, 6, eos], [7, eos]], 1: [[8, 9, 10, 11], [12, eos]], 2: [[eos], [13, 14, 15, 16]]}
+    engine_generate = rollout.llm.generate
+
+    def canned_generate(requests, sampling_params, **kwargs):
+        outs = engine_generate(requests, sampling_params, **kwargs)  # real expansion and sleep checks
+        for g, o in enumerate(outs):
+            o.outputs = [fake_vllm.CompletionOutput(k, "", ids, "stop") for k, ids in enumerate(canned[g])][::-1]
+        return outs
+
+    monkeypatch.setattr(rollout.llm, "generate", canned_generate)
+    out = rollout.generate(prompts, SamplingParams(2, 1.0, 1.0, 4))
+    expected = torch.tensor([[5, 6, eos, pad], [7, eos, pad, pad], [8, 9, 10, 11], [12, eos, pad, pad],
+                             [eos, pad, pad, pad], [13, 14, 15, 16]])
+    assert torch.equal(out.response_ids, expected)
+    assert torch.equal(out.response_mask, response_mask_from_ids(expected, eos))
+    assert out.response_mask.tolist()[1] == [1.0, 1.0, 0.0, 0.0] and out.response_mask.tolist()[2] == [1.0] * 4
+    assert out.texts == tokenizer.batch_decode(expected.masked_fill(out.response_mask == 0, pad),
+                                               skip_special_tokens=True)
+
+
+def test_engine_image_sizing_must_match_the_trainers(tiny, model_dir, prompts):
+    _, tokenizer, _, _ = tiny
+    cfg = cfg_for(model_dir)
+    bigger = {"mm_processor_kwargs": {"min_pixels": 4 * cfg.data.min_pixels, "max_pixels": cfg.data.max_pixels}}
+    rollout = make_rollout(cfg, tokenizer, engine_kwargs=bigger)
+    with pytest.raises(RuntimeError, match="expanded it to"):
+        rollout.generate(prompts, SamplingParams(1, 0.0, 1.0, 1))
+    assert rollout.sleeping == {"weights", "kv_cache"}  # put back to sleep even on failure
+
+
+def test_hf_backend_just_generates(tiny, prompts):
+    _, tokenizer, _, model = tiny
+    cfg = Config()
+    hybrid = HybridEngine(FakeTrainingEngine(model), HFRollout(model, tokenizer, 64), cfg)
+    timer = Timer()
+    out = hybrid.generate(prompts, SamplingParams(2, 1.0, 1.0, 2), timer)
+    assert out.response_ids.shape[0] == 6 and set(timer.seconds) == {"rollout"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the real package, where installed (CUDA machines)
+
+
+def test_real_vllm_api_matches_what_the_rollout_calls():
+    vllm = pytest.importorskip("vllm")
+    import inspect
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    fields = set(inspect.signature(EngineArgs).parameters)
+    for name in ("distributed_executor_backend", "enable_sleep_mode", "worker_extension_cls", "limit_mm_per_prompt",
+                 "mm_processor_cache_gb", "mm_processor_kwargs", "gpu_memory_utilization", "seed", "dtype",
+                 "max_model_len", "generation_config"):
+        assert name in fields, name
+    assert "level" in inspect.signature(vllm.LLM.sleep).parameters
+    assert "tags" in inspect.signature(vllm.LLM.wake_up).parameters
+    assert {"method", "args", "kwargs"} <= set(inspect.signature(vllm.LLM.collective_rpc).parameters)
+    for name in ("reset_prefix_cache", "reset_mm_cache", "generate"):
+        assert hasattr(vllm.LLM, name), name
+    vllm.SamplingParams(n=2, temperature=0.0, top_p=1.0, max_tokens=4, stop_token_ids=[1],
+                        logit_bias={0: -100.0}, detokenize=False)
+    model = os.environ.get("PAPO_VLLM_TEST_MODEL")  # a local Qwen2.5-VL directory, on a GPU machine
+    if not model or not torch.cuda.is_available():
+        pytest.skip("end-to-end part needs CUDA and PAPO_VLLM_TEST_MODEL")
+    from papo_engine.distributed import init_distributed
+    from papo_engine.models import load_image_processor, load_policy, load_tokenizer
+    init_distributed()
+    cfg = cfg_for(model, sync_check=True)
+    cfg.model.dtype = "bfloat16"
+    tokenizer, processor = load_tokenizer(cfg.model), load_image_processor(cfg)
+    policy = load_policy(cfg.model, tokenizer).cuda()
+    ds = GeneratedDataset("shape_color", "train", 4, seed=0, image_size=56)
+    pb = encode_prompts([s.question for s in ds], [s.images for s in ds], tokenizer, processor)
+    pb.input_ids, pb.attention_mask = pb.input_ids.cuda(), pb.attention_mask.cuda()
+    pb.pixel_values, pb.image_grid_thw = pb.pixel_values.cuda(), pb.image_grid_thw.cuda()
+    rollout = VLLMRollout(cfg, tokenizer)
+    rollout.sync_weights(iter_weight_buckets(policy, 0, 256 * 2**20))
+    out = rollout.generate(pb, SamplingParams(2, 1.0, 1.0, 16))
+    assert out.response_ids.shape[0] == 8
+    assert rollout.sync_check(pb, policy) > 0.5
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "zero3":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        _zero3_main(sys.argv[2])
