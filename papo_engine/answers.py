@@ -13,15 +13,17 @@ Units after a plain number are dropped (`3 cm`, `3\\text{ cm}`, `5\\ \\text{m}^2
 carry a unit the units must agree (`3 red` != `3 blue`). math_verify's own unit stripping is switched off: it knows
 one-letter "units" (`t`, `s`, `h`, ...) and would make `2x+3t` equal to `2x+3`.
 
-math_verify bounds parse and verify time with SIGALRM, which only works in the main thread; elsewhere its timeouts
-are turned off (it would raise otherwise), and inputs that can stall sympy (exponent towers, big factorials,
-huge exponents, very long answers) are compared as plain strings in every thread.
+math_verify bounds parse and verify time with SIGALRM (1 s here), which only works in the main thread; in other
+threads, or while the caller has its own alarm pending, its timeouts are turned off (it would raise, or cancel that
+alarm). So inputs that can stall sympy without a timeout (exponent towers, big factorials, big powers of compound
+bases, answers over 500 characters) are compared as plain strings only, in every thread.
 Any error or timeout gives False.
 """
 from __future__ import annotations
 
 import os
 import re
+import signal
 import threading
 from functools import lru_cache
 
@@ -82,9 +84,17 @@ def _match(predicted: str, reference: str) -> bool:
         return False
     if _EXPLOSIVE.search(pred_value) or _EXPLOSIVE.search(ref_value):
         return False
-    timeout = _TIMEOUT_S if os.name == "posix" and threading.current_thread() is threading.main_thread() else None
+    timeout = _timeout_s()
     gold, target = _parse(ref_value, timeout), _parse(pred_value, timeout)
     return bool(gold and target) and verify(list(gold), list(target), timeout_seconds=timeout)
+
+
+def _timeout_s() -> int | None:
+    """math_verify's SIGALRM timeout: main thread only, and not when the caller already has an alarm pending
+    (math_verify cancels any pending alarm when it finishes, e.g. pytest-timeout's)."""
+    if os.name != "posix" or threading.current_thread() is not threading.main_thread():
+        return None
+    return None if signal.getitimer(signal.ITIMER_REAL)[0] > 0 else _TIMEOUT_S
 
 
 def _plain(text: str) -> str:

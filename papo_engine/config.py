@@ -36,7 +36,8 @@ def _f(default, *, choices=None, low=None, high=None, low_open=False, high_open=
 class ModelConfig:
     path: str | None = _f(None, help="local Hugging Face Qwen2.5-VL directory; null builds the tiny model")
     dtype: str = _f("float32", choices=["float32", "bfloat16"], help="training and rollout dtype")
-    attn_implementation: str = _f("sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    attn_implementation: str = _f("auto", choices=["auto", "sdpa", "eager", "flash_attention_2"],
+                                  help="auto = flash_attention_2 when flash-attn imports on CUDA, else sdpa")
     gradient_checkpointing: bool = _f(False)
     # tiny model shape (ignored when `path` is set)
     hidden_size: int = _f(96, low=8)
@@ -337,6 +338,12 @@ def validate(cfg: Config) -> None:
     """Cross-field checks, each a one-line ConfigError."""
     if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
         raise ConfigError(f"model.path={cfg.model.path!r}: directory not found")
+    if cfg.model.attn_implementation == "flash_attention_2":
+        import importlib.util
+        import torch
+        if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("model.attn_implementation='flash_attention_2' needs CUDA and the flash-attn package "
+                              "(pip install 'papo-engine[gpu]'); use auto or sdpa")
     if cfg.model.path is None and cfg.data.image_size % 28 != 0:
         raise ConfigError(f"data.image_size={cfg.data.image_size}: must be a multiple of 28 (2x2 patches of 14 px)")
     for key in ("train_files", "eval_files"):

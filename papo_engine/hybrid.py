@@ -85,7 +85,7 @@ class HybridEngine:
         buckets = iter_weight_buckets(self.training_engine.module, self.training_engine.zero_stage,
                                       self.cfg.rollout.weight_sync_bucket_mb * 2**20)
         stats = self.rollout.sync_weights(buckets, before_kv_cache=before_kv_cache)
-        self.weights_stale = False
+        pass
         self.syncs += 1
         self.last_sync_stats = {**(stats or {}), "seconds": time.perf_counter() - start}
 

@@ -68,15 +68,25 @@ def load_image_processor(cfg: Config) -> Qwen2VLImageProcessorPil:
     return Qwen2VLImageProcessorPil(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels, **kwargs)
 
 
+def attention_implementation(requested: str) -> str:
+    """"auto": flash_attention_2 where flash-attn is importable on a CUDA machine, else PyTorch's sdpa."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def load_policy(mcfg: ModelConfig, tokenizer, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
     dtype = DTYPES[mcfg.dtype]
+    attention = attention_implementation(mcfg.attn_implementation)
     if mcfg.path:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            mcfg.path, dtype=dtype, attn_implementation=mcfg.attn_implementation)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(mcfg.path, dtype=dtype, attn_implementation=attention)
     else:
         torch.manual_seed(seed)
         config = tiny_config(mcfg, tokenizer)
-        config._attn_implementation = mcfg.attn_implementation
+        config._attn_implementation = attention
         model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -115,3 +115,12 @@ def test_cli_help_lists_options():
     assert result.returncode == 0
     for key in ("trainer.steps", "algo.gamma", "mask.ratio", "kernels.fused_head", "--config"):
         assert key in result.stdout
+
+
+def test_attention_auto_resolves_to_sdpa_without_flash_attn(monkeypatch):
+    from papo_engine.models import attention_implementation
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert attention_implementation("auto") == "sdpa"
+    assert attention_implementation("eager") == "eager"
+    with pytest.raises(ConfigError, match="flash_attention_2' needs CUDA and the flash-attn package"):
+        load_config(None, ["model.attn_implementation=flash_attention_2"])

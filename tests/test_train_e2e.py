@@ -65,3 +65,24 @@ def test_training_changes_the_weights(finished_run, tiny):
     initial = tiny[3].state_dict()
     changed = [k for k in trained if not torch.equal(trained[k], initial[k])]
     assert len(changed) > len(trained) // 2
+
+
+def test_training_on_local_files(tmp_path):
+    """The same loop on a local JSONL dataset (ViRL39K schema, images as relative paths), one record broken."""
+    from papo_engine.data import GeneratedDataset
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i in range(8):
+        sample = GeneratedDataset("shape_count", "train", 8, 3, 56)[i]
+        sample.image.save(data / f"{i}.png")
+        rows.append({"id": f"r{i}", "problem": f"<image>{sample.question}", "answer": sample.answer,
+                     "images": [f"{i}.png"]})
+    rows.append({"id": "broken", "problem": "How many?", "answer": "2", "images": ["missing.png"]})
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_papo(tmp_path / "run", f"data.train_files=[{data / 'train.jsonl'}]",
+                      f"data.eval_files=[{data / 'train.jsonl'}]", "warmup.steps=0", "trainer.steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "missing_image_file" in result.stderr and "broken" in result.stderr  # counted, logged with its id
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and 0.0 <= summary["eval_accuracy"] <= 1.0 and "chance_accuracy" not in summary

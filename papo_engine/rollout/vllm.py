@@ -190,7 +190,7 @@ class VLLMRollout:
         requests, lengths = [], []  # lengths: (trainer's expanded length, collapsed length)
         for b in range(prompts.input_ids.shape[0]):
             ids = prompts.input_ids[b][prompts.attention_mask[b].bool()].tolist()
-            collapsed, runs = collapse_image_pads(ids, self.image_token_id)
+            collapsed, runs = ids, collapse_image_pads(ids, self.image_token_id)[1]
             images = list(prompts.images[b])
             if runs != len(images) or runs != prompts.images_per_prompt[b]:
                 raise ValueError(f"prompt {b}: {runs} image placeholder runs but {len(images)} images")
