@@ -360,6 +360,10 @@ def validate(cfg: Config) -> None:
                           f"(got {cfg.deepspeed.zero_stage})")
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
         raise ConfigError("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1")
+    if cfg.deepspeed.offload_states_during_rollout and (cfg.rollout.backend != "vllm" or cfg.deepspeed.zero_stage == 0
+                                                        or cfg.deepspeed.offload_params):
+        raise ConfigError("deepspeed.offload_states_during_rollout=true needs rollout.backend=vllm, "
+                          "deepspeed.zero_stage >= 1 and deepspeed.offload_params=false")
     betas = cfg.optim.betas
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
         raise ConfigError(f"optim.betas={betas!r}: must be two numbers in [0, 1)")

@@ -57,6 +57,22 @@ def all_reduce_sum(value: float | torch.Tensor) -> float:
     return float(t)
 
 
+def all_reduce_sums(values: list[float]) -> list[float]:
+    """Element-wise sum over ranks of a list of numbers, in one collective."""
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device="cpu" if not torch.cuda.is_available() else device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def global_means(sums_and_counts: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """{name: (sum, count) on this rank} -> {name: sum over ranks / count over ranks}."""
+    names = sorted(sums_and_counts)
+    totals = all_reduce_sums([x for n in names for x in sums_and_counts[n]])
+    return {n: totals[2 * i] / max(totals[2 * i + 1], 1e-12) for i, n in enumerate(names)}
+
+
 def is_main() -> bool:
     import torch.distributed as dist
     return not dist.is_initialized() or dist.get_rank() == 0

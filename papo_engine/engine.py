@@ -73,6 +73,14 @@ class TrainingEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def start_micro_batch(self) -> None:
+        """Call before each training forward. The trainer calls the HF module directly (to reach the hidden states
+        without logits), so it must do what DeepSpeed's own forward does first: tell the ZeRO optimizer a new
+        micro-step starts — ZeRO-3 otherwise overwrites, instead of accumulating, the previous micro-batch's
+        gradient partitions."""
+        if self.zero_stage > 0:
+            self.engine.optimizer.clear_backward_seen_flag()
+
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         self.engine.set_gradient_accumulation_boundary(last_micro_batch)
         self.engine.backward(loss, scale_wrt_gas=False)

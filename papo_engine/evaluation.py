@@ -16,8 +16,8 @@ from tqdm import tqdm
 from .config import Config, ConfigError
 from .datasets import load_dataset_files
 from .models import encode_prompts, load_image_processor, load_policy, load_tokenizer
+from .rollout import build_rollout
 from .rollout.base import SamplingParams
-from .rollout.hf import HFRollout
 
 
 def evaluate_files(cfg: Config, files: list[str], k: int, temperature: float, seed: int = 0) -> dict:
@@ -30,8 +30,9 @@ def evaluate_files(cfg: Config, files: list[str], k: int, temperature: float, se
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(cfg.model)
     image_processor = load_image_processor(cfg)
-    model = load_policy(cfg.model, tokenizer).eval()
-    rollout = HFRollout(model, tokenizer, cfg.rollout.batch_size)
+    # vLLM builds its own engine from the model directory; the HF backend generates with the loaded model
+    model = load_policy(cfg.model, tokenizer).eval() if cfg.rollout.backend == "hf" else None
+    rollout = build_rollout(cfg, model, tokenizer, world_size=1)
     reward = RewardRole(cfg)
     sampling = SamplingParams(k, temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
     per_call = max(1, cfg.rollout.batch_size // k)

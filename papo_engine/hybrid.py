@@ -47,10 +47,13 @@ class HybridEngine:
     def _offload(self, include) -> None:
         self.training_engine.engine.offload_states(include=include)
 
-    def generate(self, prompts: PromptBatch, sampling: SamplingParams, timer=None) -> RolloutOutput:
+    def generate(self, prompts: PromptBatch, sampling: SamplingParams, timer=None,
+                 prompt_keys: list[int] | None = None) -> RolloutOutput:
+        """`rollout.generate(prompts, sampling, prompt_keys)` with the weight push and state offload around it;
+        `timer` (the trainer's Timer, optional) gets the phases weight_sync / rollout / offload / sync_check."""
         if not self.needs_sync:
             with self._phase(timer, "rollout"):
-                return self.rollout.generate(prompts, sampling)
+                return self.rollout.generate(prompts, sampling, prompt_keys=prompt_keys)
 
         offload = self.cfg.deepspeed.offload_states_during_rollout
         first_sync = False
@@ -68,7 +71,7 @@ class HybridEngine:
                     self._sync(before_kv_cache=(lambda: self._offload([params])) if offload else None)
                 first_sync = self.syncs == 1
             with self._phase(timer, "rollout"):
-                out = self.rollout.generate(prompts, sampling)
+                out = self.rollout.generate(prompts, sampling, prompt_keys=prompt_keys)
         finally:
             if offloaded:
                 with self._phase(timer, "offload"):
@@ -85,7 +88,7 @@ class HybridEngine:
         buckets = iter_weight_buckets(self.training_engine.module, self.training_engine.zero_stage,
                                       self.cfg.rollout.weight_sync_bucket_mb * 2**20)
         stats = self.rollout.sync_weights(buckets, before_kv_cache=before_kv_cache)
-        pass
+        self.weights_stale = False
         self.syncs += 1
         self.last_sync_stats = {**(stats or {}), "seconds": time.perf_counter() - start}
 

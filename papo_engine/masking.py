@@ -135,16 +135,33 @@ def repeat_for_rollouts(pixel_values: Tensor, image_grid_thw: Tensor, n: int,
 
 def mask_per_prompt(pixel_values: Tensor, image_grid_thw: Tensor, n: int, ratio: float, unit: str = "merge",
                     fill: str = "black", image_mean: Sequence[float] = QWEN_IMAGE_MEAN,
-                    image_std: Sequence[float] = QWEN_IMAGE_STD, generator: torch.Generator | None = None,
+                    image_std: Sequence[float] = QWEN_IMAGE_STD,
+                    generator: torch.Generator | Sequence[torch.Generator] | None = None,
                     merge_size: int = 2, images_per_prompt: Sequence[int] | Tensor | None = None
                     ) -> tuple[Tensor, Tensor, Tensor]:
     """Mask the PROMPT batch once, then repeat for the n rollouts: every rollout of a prompt shares its mask.
+
+    `generator`: one for the batch, or one per prompt — then a prompt's mask does not depend on which other
+    prompts share its batch (or rank), which keeps 1-rank and N-rank runs identical.
 
     Input: the un-repeated prompt batch (pixel_values of all prompts' images, image_grid_thw, images_per_prompt).
     Returns (masked pixel_values repeated [n·num_patches, D], image_grid_thw repeated, unit_mask of the prompt
     batch [num_units]). Repeat the original pixel_values with `repeat_for_rollouts` the same way.
     """
-    masked, unit_mask = mask_pixel_values(pixel_values, image_grid_thw, ratio, unit, fill, image_mean,
-                                          image_std, generator, merge_size)
+    if isinstance(generator, (list, tuple)):  # one generator per prompt
+        ipp = [1] * image_grid_thw.shape[0] if images_per_prompt is None else [int(k) for k in images_per_prompt]
+        if len(generator) != len(ipp):
+            raise ValueError(f"{len(generator)} generators for {len(ipp)} prompts")
+        rows_per_image = image_grid_thw.prod(dim=-1).tolist()
+        pieces, image, row = [], 0, 0
+        for gen, k in zip(generator, ipp):
+            rows = int(sum(rows_per_image[image:image + k]))
+            pieces.append(mask_pixel_values(pixel_values[row:row + rows], image_grid_thw[image:image + k], ratio,
+                                            unit, fill, image_mean, image_std, gen, merge_size))
+            image, row = image + k, row + rows
+        masked, unit_mask = torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+    else:
+        masked, unit_mask = mask_pixel_values(pixel_values, image_grid_thw, ratio, unit, fill, image_mean,
+                                              image_std, generator, merge_size)
     masked_rep, thw_rep = repeat_for_rollouts(masked, image_grid_thw, n, images_per_prompt)
     return masked_rep, thw_rep, unit_mask

@@ -33,8 +33,9 @@ from .head import FusedLMHead
 from .masking import mask_per_prompt
 from .models import PromptBatch, encode_prompts, load_image_processor, load_policy, load_tokenizer
 from .rewards import load_reward_fn
+from .hybrid import HybridEngine
+from .rollout import build_rollout
 from .rollout.base import SamplingParams
-from .rollout.hf import HFRollout
 from .tracking import Tracker, plot_metrics
 
 
@@ -86,6 +87,7 @@ class RewardRole:
 class Rollouts:
     """One step's experience, prompt-major (row g*n + k = k-th response to prompt g)."""
     prompts: PromptBatch     # the B prompts (un-repeated)
+    prompt_keys: list[int]   # each prompt's global draw index: seeds its sampling and its mask on any rank
     answers: list[str]
     sequences: SequenceBatch
     scores: dict[str, torch.Tensor]
@@ -121,13 +123,15 @@ class PAPOTrainer:
             from .warmup import format_warmup
             self.warmup_log = format_warmup(model, self, cfg.warmup)
         from .engine import TrainingEngine, frozen_reference
+        # vLLM sizes its memory from what is free when it starts: before the trainer's states are allocated
+        rollout = build_rollout(cfg, None, self.tokenizer, self.world) if cfg.rollout.backend == "vllm" else None
         # β > 0: a frozen copy of the starting policy (after the warm-start); none when β = 0
         self.reference = frozen_reference(model, cfg, self.world) if cfg.algo.ref_kl_coef > 0 else None
         self.engine = TrainingEngine(model, cfg, self.world)
-        self.rollout = HFRollout(self.engine.module, self.tokenizer, cfg.rollout.batch_size,
-                                 synced_gpus=self.world > 1 and cfg.deepspeed.zero_stage == 3)
+        rollout = rollout or build_rollout(cfg, self.engine.module, self.tokenizer, self.world)
+        self.hybrid = HybridEngine(self.engine, rollout, cfg)
         self.sampling = SamplingParams(cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p,
-                                       cfg.rollout.max_new_tokens)
+                                       cfg.rollout.max_new_tokens, seed=cfg.trainer.seed)
         self.settings = loss_settings(cfg.algo)
         self.data_cursor = 0
         self.start_step, self.history, self.nonfinite_skipped = 0, [], 0
@@ -167,17 +171,20 @@ class PAPOTrainer:
     # ------------------------------------------------------------------------------------------------------
     # data
 
-    def next_prompts(self, count: int):
-        """`count` global prompts in a seeded per-epoch order; this rank keeps its contiguous share."""
+    def next_prompts(self, count: int) -> tuple[list, list[int]]:
+        """`count` global prompts in a seeded per-epoch order; this rank keeps its contiguous share.
+        Returns (samples, keys): a prompt's key is its global draw index, the same on every rank."""
+        share = count // self.world
+        first = self.data_cursor + self.rank * share
+        keys = list(range(first, first + share))
         samples = []
-        for _ in range(count):
-            epoch, pos = divmod(self.data_cursor, len(self.train_set))
+        for key in keys:
+            epoch, pos = divmod(key, len(self.train_set))
             order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(
                 self.cfg.data.seed * 1000 + epoch))
             samples.append(self.train_set[int(order[pos])])
-            self.data_cursor += 1
-        share = count // self.world
-        return samples[self.rank * share:(self.rank + 1) * share]
+        self.data_cursor += count
+        return samples, keys
 
     def encode(self, samples):
         return encode_prompts([s.question for s in samples], [s.images for s in samples], self.tokenizer,
@@ -186,9 +193,9 @@ class PAPOTrainer:
     # ------------------------------------------------------------------------------------------------------
     # phases
 
-    def generate(self, samples) -> Rollouts:
+    def generate(self, samples, keys: list[int], timer: Timer | None = None) -> Rollouts:
         prompts = self.encode(samples)
-        out = self.rollout.generate(prompts, self.sampling)
+        out = self.hybrid.generate(prompts, self.sampling, timer, prompt_keys=keys)
         answers = [s.answer for s in samples for _ in range(self.sampling.n)]
         scores = self.reward(out.texts, answers)
         if self.cfg.algo.overlong_buffer > 0:
@@ -196,15 +203,14 @@ class PAPOTrainer:
                 out.response_mask.sum(1), self.sampling.max_new_tokens, self.cfg.algo.overlong_buffer,
                 self.cfg.algo.overlong_penalty)
         sequences = SequenceBatch(repeat_prompts(prompts, self.sampling.n), out.response_ids, out.response_mask)
-        return Rollouts(prompts, [s.answer for s in samples], sequences, scores, out.texts)
+        return Rollouts(prompts, keys, [s.answer for s in samples], sequences, scores, out.texts)
 
     def collect(self, timer: Timer) -> tuple[Rollouts, dict]:
         """Generate for this step's prompts; with DAPO dynamic sampling, keep only groups whose rewards differ
         and regenerate (bounded rounds) until the batch is full again."""
         per_rank = self.cfg.trainer.prompts_per_step // self.world
         n = self.sampling.n
-        with timer.phase("rollout"):
-            batch = self.generate(self.next_prompts(self.cfg.trainer.prompts_per_step))
+        batch = self.generate(*self.next_prompts(self.cfg.trainer.prompts_per_step), timer)
         info = {}
         if not self.cfg.algo.dynamic_sampling:
             return batch, info
@@ -214,10 +220,11 @@ class PAPOTrainer:
             keep = informative_groups(pieces[-1].scores["reward"], n)
             dropped += int((~keep).sum())
             kept.extend((len(pieces) - 1, g) for g in torch.nonzero(keep).flatten().tolist())
-            if len(kept) >= per_rank or rounds >= self.cfg.algo.dynamic_sampling_max_rounds:
+            # collective: every rank generates in every round (ZeRO-3 generation gathers parameters together)
+            short = dist_utils.all_reduce_sum(float(len(kept) < per_rank))
+            if short == 0 or rounds >= self.cfg.algo.dynamic_sampling_max_rounds:
                 break
-            with timer.phase("rollout"):
-                pieces.append(self.generate(self.next_prompts(self.cfg.trainer.prompts_per_step)))
+            pieces.append(self.generate(*self.next_prompts(self.cfg.trainer.prompts_per_step), timer))
             rounds += 1
         info = {"dynamic_sampling/dropped_groups": dropped, "dynamic_sampling/rounds": rounds,
                 "dynamic_sampling/kept_groups": min(len(kept), per_rank)}
@@ -232,7 +239,7 @@ class PAPOTrainer:
         groups = []
         for piece_id, g in kept:
             p, rows = pieces[piece_id], list(range(g * n, (g + 1) * n))
-            groups.append(Rollouts(select_prompts(p.prompts, [g]), [p.answers[g]],
+            groups.append(Rollouts(select_prompts(p.prompts, [g]), [p.prompt_keys[g]], [p.answers[g]],
                                    SequenceBatch(select_prompts(p.sequences.prompts, rows),
                                                  p.sequences.response_ids[rows], p.sequences.response_mask[rows]),
                                    {k: v[rows] for k, v in p.scores.items()}, [p.texts[r] for r in rows]))
@@ -244,13 +251,15 @@ class PAPOTrainer:
         sequences = SequenceBatch(concat_prompts([x.sequences.prompts for x in groups], pad),
                                   torch.cat([right_pad(x.sequences.response_ids, pad) for x in groups]),
                                   torch.cat([right_pad(x.sequences.response_mask, 0.0) for x in groups]))
-        return Rollouts(concat_prompts([x.prompts for x in groups], pad), [a for x in groups for a in x.answers],
+        return Rollouts(concat_prompts([x.prompts for x in groups], pad), [k for x in groups for k in x.prompt_keys],
+                        [a for x in groups for a in x.answers],
                         sequences, {k: torch.cat([x.scores[k] for x in groups]) for k in groups[0].scores},
                         [t for x in groups for t in x.texts])
 
-    def attach_masks(self, batch: Rollouts, step: int) -> torch.Tensor:
-        """One mask per prompt, fresh each step, shared by the prompt's n responses."""
-        gen = torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + step * 101 + self.rank)
+    def attach_masks(self, batch: Rollouts) -> torch.Tensor:
+        """One mask per prompt, shared by the prompt's n responses, seeded by the prompt's key (fresh every draw,
+        the same on any rank)."""
+        gen = [torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + key) for key in batch.prompt_keys]
         masked, _, unit_mask = mask_per_prompt(
             batch.prompts.pixel_values, batch.prompts.image_grid_thw, self.sampling.n, self.cfg.mask.ratio,
             self.cfg.mask.unit, self.cfg.mask.fill, self.image_processor.image_mean,
@@ -290,6 +299,7 @@ class PAPOTrainer:
             loss_finite = True
             for i, (a, b) in enumerate(chunks):
                 mb = seqs.slice(a, b)
+                self.engine.start_micro_batch()
                 stats = response_token_stats(model, mb, both_branches=both, temperature=self.sampling.temperature)
                 mask = mb.response_mask
                 if self.settings.official:  # the authors: token-mean per micro-batch / accumulation count
@@ -325,9 +335,13 @@ class PAPOTrainer:
             if applied and not loss_finite:
                 warnings.warn("non-finite loss but finite gradients: the step was applied")
             applied_all = applied_all and applied
+        # token-weighted means over ALL ranks' tokens; the loss is a sum of per-rank parts of one global mean
         total = float(seqs.response_mask.sum()) * self.cfg.trainer.ppo_epochs
-        out = {f"update/{k}": v / max(total, 1.0) for k, v in sums.items() if k != "loss"}
-        out["update/loss"] = sums.get("loss", 0.0) / self.cfg.trainer.ppo_epochs
+        out = {f"update/{k}": v for k, v in dist_utils.global_means(
+            {k: (v, total) for k, v in sums.items() if k != "loss"}).items()}
+        out["update/loss"] = dist_utils.all_reduce_sum(sums.get("loss", 0.0)) / self.cfg.trainer.ppo_epochs
+        if self.settings.official:  # the authors' loss is a per-rank mean, averaged over ranks
+            out["update/loss"] /= self.world
         out["grad_norm"] = grad_norm
         out["_applied"] = applied_all
         out["_per_seq_kl"] = torch.cat(per_seq_kl) if per_seq_kl else torch.zeros(0)
@@ -349,7 +363,7 @@ class PAPOTrainer:
             seqs = batch.sequences
             with timer.phase("advantages"):
                 advantages = group_advantages(batch.scores["reward"], self.sampling.n, cfg.algo.norm_adv_by_std)
-                self.attach_masks(batch, step)
+                self.attach_masks(batch)
             with timer.phase("old_logprobs"):
                 old = self.old_stats(seqs)
             gamma = gamma_at(step, steps, cfg.algo)
@@ -357,25 +371,28 @@ class PAPOTrainer:
             self.engine.set_lr(lr)
             with timer.phase("update"):
                 upd = self.update(seqs, advantages, old, gamma)
+            self.hybrid.mark_weights_updated()
             per_seq_kl = upd.pop("_per_seq_kl")
             applied = upd.pop("_applied")
             consecutive_skips = 0 if applied else consecutive_skips + 1
             self.nonfinite_skipped += 0 if applied else 1
             mask = seqs.response_mask
-            metrics = {
-                "reward": float(batch.scores["reward"].mean()),
-                **{k: float(v.mean()) for k, v in batch.scores.items() if k != "reward"},
-                "response_length": float(mask.sum(1).mean()),
-                "perception_kl": float((old["kl"] * mask).sum() / mask.sum()),
-                "entropy": float((old["entropy"] * mask).sum() / mask.sum()),
-                "masked_entropy": float((old["masked_entropy"] * mask).sum() / mask.sum()),
+            tokens, sequences = float(mask.sum()), float(len(mask))
+            metrics = dist_utils.global_means({  # over all ranks' sequences / tokens
+                **{k: (float(v.sum()), sequences) for k, v in batch.scores.items()},
+                "response_length": (float(mask.sum()), sequences),
+                "perception_kl": (float((old["kl"] * mask).sum()), tokens),
+                "entropy": (float((old["entropy"] * mask).sum()), tokens),
+                "masked_entropy": (float((old["masked_entropy"] * mask).sum()), tokens),
+                "perception_reliance_mean": (float(per_seq_kl.sum()), float(len(per_seq_kl))),
+            })
+            metrics.update({
                 "clip_fraction": upd.get("update/pg_clipfrac", 0.0),
-                "perception_reliance_mean": float(per_seq_kl.mean()) if len(per_seq_kl) else 0.0,
                 "gamma": gamma, "lr": lr, **upd, **info,
                 "nonfinite/skipped_step": float(not applied), "nonfinite/skipped_total": self.nonfinite_skipped,
                 **{f"time/{k}": v for k, v in timer.seconds.items()},
                 "time/step": time.perf_counter() - step_start,
-            }
+            })
             metrics = self._reduce_metrics(metrics)
             if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and step + 1 < steps:
                 metrics["eval/accuracy"] = self.evaluate()
@@ -399,10 +416,12 @@ class PAPOTrainer:
         return self.finish(self.history)
 
     def _reduce_metrics(self, metrics: dict) -> dict:
+        """Average over ranks in one collective (per-rank timings and counts; global values stay as they are)."""
         if self.world == 1:
             return metrics
-        return {k: dist_utils.all_reduce_sum(v) / self.world if isinstance(v, (int, float)) else v
-                for k, v in metrics.items()}
+        names = [k for k, v in metrics.items() if isinstance(v, (int, float))]
+        means = [v / self.world for v in dist_utils.all_reduce_sums([float(metrics[k]) for k in names])]
+        return {**metrics, **dict(zip(names, means))}
 
     @torch.no_grad()
     def evaluate(self, samples: int | None = None) -> float:
@@ -411,12 +430,16 @@ class PAPOTrainer:
         mine = list(range(self.rank, count, self.world))
         correct = 0.0
         greedy = SamplingParams(1, 0.0, 1.0, self.sampling.max_new_tokens)
-        starts = range(0, len(mine), self.cfg.rollout.batch_size)
-        for start in tqdm(starts, desc="held-out eval", disable=not dist_utils.is_main(), leave=False):
-            chunk = [self.eval_set[i] for i in mine[start:start + self.cfg.rollout.batch_size]]
-            out = self.rollout.generate(self.encode(chunk), greedy)
+        size = self.cfg.rollout.batch_size
+        calls = math.ceil(math.ceil(count / self.world) / size)  # the same on every rank
+        for call in tqdm(range(calls), desc="held-out eval", disable=not dist_utils.is_main(), leave=False):
+            index = mine[call * size:(call + 1) * size]
+            # a rank out of prompts still generates (on a stand-in it then ignores): ZeRO-3 generation and
+            # the weight push are collective
+            chunk = [self.eval_set[i] for i in (index or [0])]
+            out = self.hybrid.generate(self.encode(chunk), greedy)
             scores = self.reward(out.texts, [s.answer for s in chunk])
-            correct += float(scores.get("accuracy", scores["reward"]).sum())
+            correct += float(scores.get("accuracy", scores["reward"])[:len(index)].sum())
         return dist_utils.all_reduce_sum(correct) / count
 
     def finish(self, history: list[dict]) -> dict:

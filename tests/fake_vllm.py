@@ -227,13 +227,23 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | None = None, *, use_tqdm=True,
                  lora_request=None, priority=None, tokenization_kwargs=None) -> list[RequestOutput]:
-        from transformers import LogitsProcessor, LogitsProcessorList
-
         if self.sleeping:
             raise RuntimeError(f"generate while asleep ({sorted(self.sleeping)}): wake_up first")
         prompts = prompts if isinstance(prompts, (list, tuple)) else [prompts]
-        sp = sampling_params or SamplingParams()
-        self.calls.append(("generate", len(prompts), sp.n))
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"The lengths of prompts ({len(prompts)}) and sampling_params "
+                                 f"({len(sampling_params)}) must be the same.")
+            per_prompt = list(sampling_params)
+        else:
+            per_prompt = [sampling_params or SamplingParams()] * len(prompts)
+        self.calls.append(("generate", len(prompts), per_prompt[0].n if per_prompt else 0))
+        self.seen_params = per_prompt
+        return [self._generate_one(prompt, sp) for prompt, sp in zip(prompts, per_prompt)]
+
+    def _generate_one(self, prompt, sp: SamplingParams) -> RequestOutput:
+        from transformers import LogitsProcessor, LogitsProcessorList
+
         eos = self.tokenizer.eos_token_id
         stops = [eos] + list(sp.stop_token_ids or [])
 
@@ -243,32 +253,38 @@ class LLM:
                     scores[:, t] += b
                 return scores
 
-        results = []
-        for prompt in prompts:
-            images = list((prompt.get("multi_modal_data") or {}).get("image", []))
-            ids, vision = self._expand(list(prompt["prompt_token_ids"]), images)
-            input_ids = torch.tensor([ids] * sp.n)
-            pixel = vision["pixel_values"].to(self.hf_model.dtype)
-            kwargs = {}
-            if sp.temperature == 0:
-                kwargs["do_sample"] = False
-            else:
-                kwargs.update(do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k or 0)
+        images = list((prompt.get("multi_modal_data") or {}).get("image", []))
+        ids, vision = self._expand(list(prompt["prompt_token_ids"]), images)
+        pixel = vision["pixel_values"].to(self.hf_model.dtype)
+        kwargs = {}
+        if sp.temperature == 0:
+            kwargs["do_sample"] = False
+        else:
+            kwargs.update(do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k or 0)
+
+        def run(rows: int):
+            input_ids = torch.tensor([ids] * rows)
             with torch.no_grad():
-                out = self.hf_model.generate(
+                return self.hf_model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                    pixel_values=torch.cat([pixel] * sp.n), image_grid_thw=torch.cat([vision["image_grid_thw"]] * sp.n),
+                    pixel_values=torch.cat([pixel] * rows), image_grid_thw=torch.cat([vision["image_grid_thw"]] * rows),
                     mm_token_type_ids=(input_ids == self.hf_model.config.image_token_id).int(),
                     max_new_tokens=sp.max_tokens, eos_token_id=stops, pad_token_id=self.tokenizer.pad_token_id,
-                    logits_processor=LogitsProcessorList([_Bias()]), **kwargs)
-            completions = []
-            for k in range(sp.n):
-                gen = out[k, len(ids):].tolist()
-                end = next((i for i, t in enumerate(gen) if t in stops), None)
-                token_ids = gen if end is None else gen[:end + 1]  # the stop token is part of the output
-                text = self.tokenizer.decode(token_ids, skip_special_tokens=sp.skip_special_tokens) \
-                    if sp.detokenize else ""
-                completions.append(CompletionOutput(k, text, token_ids, "length" if end is None else "stop",
-                                                    None if end is None or gen[end] == eos else gen[end]))
-            results.append(RequestOutput(str(next(self._request_ids)), None, ids, completions))
-        return results
+                    logits_processor=LogitsProcessorList([_Bias()]), **kwargs)[:, len(ids):].tolist()
+
+        if sp.seed is not None and sp.temperature > 0:
+            generated = []
+            for k in range(sp.n):  # vLLM: child k of a seeded request samples with its own generator, seed + k
+                with torch.random.fork_rng():
+                    torch.manual_seed(sp.seed + k)
+                    generated.append(run(1)[0])
+        else:
+            generated = run(sp.n)
+        completions = []
+        for k, gen in enumerate(generated):
+            end = next((i for i, t in enumerate(gen) if t in stops), None)
+            token_ids = gen if end is None else gen[:end + 1]  # the stop token is part of the output
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=sp.skip_special_tokens) if sp.detokenize else ""
+            completions.append(CompletionOutput(k, text, token_ids, "length" if end is None else "stop",
+                                                None if end is None or gen[end] == eos else gen[end]))
+        return RequestOutput(str(next(self._request_ids)), None, ids, completions)

@@ -115,6 +115,7 @@ def launcher_env(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)  # the rollout must set it; undone after
 
 
 def make_rollout(cfg, tokenizer, **kwargs):
@@ -220,7 +221,9 @@ def test_vllm_needs_model_path_and_builds_like_the_trainer(tiny, model_dir):
     kw = rollout.llm.kwargs
     assert kw["distributed_executor_backend"] == "external_launcher" and kw["tensor_parallel_size"] == 1
     assert kw["enable_sleep_mode"] is True and kw["worker_extension_cls"].endswith("PAPOWorkerExtension")
-    assert kw["mm_processor_cache_gb"] == 0 and kw["limit_mm_per_prompt"]["image"] >= 1
+    assert kw["mm_processor_cache_gb"] == 0 and kw["limit_mm_per_prompt"] == {"image": 4, "video": 0}
+    assert kw["mm_processor_kwargs"] == {"min_pixels": vcfg.data.min_pixels, "max_pixels": vcfg.data.max_pixels}
+    assert kw["dtype"] == vcfg.model.dtype and kw["generation_config"] == "vllm"
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert rollout.llm.calls == [("sleep", 1)]  # memory goes back to the trainer right away
 
@@ -240,7 +243,8 @@ def test_call_order_per_step_and_one_push_per_step(tiny, model_dir, prompts):
     sampling = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=3)
     timer = Timer()
     hybrid.generate(prompts, sampling, timer)
-    hybrid.generate(prompts, sampling, timer)  # DAPO regeneration in the same step: no second push
+    hybrid.generate(prompts, sampling, timer, prompt_keys=[3, 4, 5])  # DAPO regeneration, same step: no push
+    assert [sp.seed is not None for sp in llm.seen_params] == [False] * 3  # sampling.seed None: unkeyed
     kinds = [c[0] for c in llm.calls]
     loads = kinds.count("load")
     assert loads >= 1
@@ -319,6 +323,19 @@ def test_offload_states_wrap_the_rollout_and_parameters_leave_after_the_push(tin
     assert log[0] == ("offload_states", None) and [c[0] for c in log][-1] == "reload_states"
     assert "load" not in [c[0] for c in log]
     assert {"offload", "weight_sync", "rollout"} <= set(timer.seconds)
+
+
+def test_without_sleep_mode_no_sleep_calls_but_same_push_and_cache_resets(tiny, model_dir, prompts):
+    _, tokenizer, _, model = tiny
+    cfg = cfg_for(model_dir, enable_sleep_mode=False)
+    rollout = make_rollout(cfg, tokenizer)
+    assert rollout.llm.calls == [] and rollout.llm.kwargs["enable_sleep_mode"] is False
+    hybrid = HybridEngine(FakeTrainingEngine(perturbed(model)), rollout, cfg)
+    hybrid.generate(prompts, SamplingParams(2, 1.0, 1.0, 2), None)
+    kinds = [c[0] for c in rollout.llm.calls]
+    assert "sleep" not in kinds and "wake_up" not in kinds
+    assert kinds[-4:] == ["generate", "reset_prefix_cache", "reset_mm_cache", "reset_encoder_cache"]
+    assert kinds[:-4] == ["load"] * (len(kinds) - 4) and len(kinds) > 4
 
 
 def test_engine_refuses_work_while_asleep(tiny, model_dir, prompts):
@@ -409,6 +426,23 @@ def test_mask_convention_eos_included_pad_after(tiny, model_dir, prompts, monkey
                                                skip_special_tokens=True)
 
 
+def test_keyed_sampling_gives_a_prompt_the_same_responses_in_any_batch(tiny, model_dir, prompts):
+    _, tokenizer, _, model = tiny
+    rollout = make_rollout(cfg_for(model_dir), tokenizer)
+    rollout.sync_weights(iter_weight_buckets(perturbed(model), 0, 1 << 20))
+    keyed = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=5, seed=7)
+    together = rollout.generate(prompts, keyed, prompt_keys=[40, 41, 42])
+    seeds = [sp.seed for sp in rollout.llm.seen_params]
+    assert len(set(seeds)) == 3 and seeds[1] - seeds[0] == keyed.n  # child k draws with seed + k: no overlap
+    alone = rollout.generate(select_prompts(prompts, [1]), keyed, prompt_keys=[41])
+    w = min(alone.response_ids.shape[1], together.response_ids.shape[1])
+    assert torch.equal(alone.response_ids[:, :w], together.response_ids[2:4, :w])
+    other = rollout.generate(select_prompts(prompts, [1]), keyed, prompt_keys=[99])
+    assert not torch.equal(other.response_ids, alone.response_ids)  # the key, not the position, seeds it
+    unkeyed = rollout.generate(prompts, SamplingParams(2, 1.0, 1.0, 5))
+    assert unkeyed.response_ids.shape[0] == 6 and rollout.llm.seen_params[0].seed is None
+
+
 def test_engine_image_sizing_must_match_the_trainers(tiny, model_dir, prompts):
     _, tokenizer, _, _ = tiny
     cfg = cfg_for(model_dir)
@@ -424,8 +458,12 @@ def test_hf_backend_just_generates(tiny, prompts):
     cfg = Config()
     hybrid = HybridEngine(FakeTrainingEngine(model), HFRollout(model, tokenizer, 64), cfg)
     timer = Timer()
-    out = hybrid.generate(prompts, SamplingParams(2, 1.0, 1.0, 2), timer)
+    keyed = SamplingParams(2, 1.0, 1.0, 2, seed=3)
+    out = hybrid.generate(prompts, keyed, timer, prompt_keys=[0, 1, 2])
     assert out.response_ids.shape[0] == 6 and set(timer.seconds) == {"rollout"}
+    again = hybrid.generate(select_prompts(prompts, [2, 0, 1]), keyed, None, prompt_keys=[2, 0, 1])
+    w = min(again.response_ids.shape[1], out.response_ids.shape[1])
+    assert torch.equal(again.response_ids[:2, :w], out.response_ids[4:6, :w])  # keyed: same prompt, same draws
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -218,3 +218,19 @@ def test_repeat_for_rollouts_default_one_image_per_prompt():
     assert torch.equal(thw_rep, thw.repeat_interleave(2, dim=0))
     with pytest.raises(ValueError):
         repeat_for_rollouts(pv, thw, 2, images_per_prompt=[1, 1])
+
+
+def test_per_prompt_generators_make_a_prompts_mask_independent_of_its_batch():
+    """One generator per prompt (seeded by the prompt's key): prompt 2's mask is the same alone or in a batch."""
+    grid = torch.tensor([[1, 4, 4], [1, 4, 6], [1, 2, 2]])
+    pixel_values = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
+
+    def gens(keys):
+        return [torch.Generator().manual_seed(1000 + k) for k in keys]
+
+    together, _, units = mask_per_prompt(pixel_values, grid, 2, 0.5, generator=gens([0, 1, 2]))
+    alone, _, units_alone = mask_per_prompt(pixel_values[16 + 24:], grid[2:], 2, 0.5, generator=gens([2]))
+    assert torch.equal(together[2 * (16 + 24):], alone)
+    assert torch.equal(units[-1:], units_alone)
+    with pytest.raises(ValueError, match="2 generators for 3 prompts"):
+        mask_per_prompt(pixel_values, grid, 2, 0.5, generator=gens([0, 1]))

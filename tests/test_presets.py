@@ -77,18 +77,18 @@ def _scripted_trainer(tiny, rewards_per_round, max_rounds=20):
     calls = iter(rewards_per_round)
     round_no = [0]
 
-    def generate(samples):
+    def generate(samples, keys, timer=None):
         rewards = torch.tensor(next(calls), dtype=torch.float32)
         prompts = encode_prompts([s.question for s in samples], [[s.image] for s in samples], tokenizer, processor)
         tag = round_no[0]
         round_no[0] += 1
         ids = torch.full((len(samples) * 2, 3), 100 + tag)  # the round is readable from the response ids
         seqs = SequenceBatch(repeat_prompts(prompts, 2), ids, torch.ones(len(samples) * 2, 3))
-        return Rollouts(prompts, [s.answer for s in samples], seqs, {"reward": rewards},
+        return Rollouts(prompts, keys, [s.answer for s in samples], seqs, {"reward": rewards},
                         [f"r{tag}"] * (len(samples) * 2))
 
     trainer.generate = generate
-    trainer.next_prompts = lambda count: [ds[i] for i in range(count)]
+    trainer.next_prompts = lambda count: ([ds[i] for i in range(count)], list(range(count)))
     return trainer, Timer
 
 

@@ -15,6 +15,7 @@ class SamplingParams:
     temperature: float
     top_p: float
     max_new_tokens: int
+    seed: int | None = None  # with per-prompt keys: draws depend only on (seed, key, k), not on batch or rank
 
 
 @dataclass
@@ -25,8 +26,14 @@ class RolloutOutput:
     texts: list[str]              # decoded responses, special tokens removed
 
 
+def response_keys(prompt_keys: list[int], n: int) -> torch.Tensor:
+    """Key of response k to the prompt keyed p: p * n + k (prompt-major, like the output rows)."""
+    return torch.tensor([p * n + k for p in prompt_keys for k in range(n)], dtype=torch.int64)
+
+
 class RolloutBackend(Protocol):
-    def generate(self, prompts: PromptBatch, sampling: SamplingParams) -> RolloutOutput: ...
+    def generate(self, prompts: PromptBatch, sampling: SamplingParams,
+                 prompt_keys: list[int] | None = None) -> RolloutOutput: ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 

@@ -1,7 +1,8 @@
 """HF `generate` rollout (the CPU default): samples from the trainer's own module, so no weight copy is needed.
 
 Under ZeRO-3 every rank must take part in every forward (parameters are gathered collectively), so
-`synced_gpus=True` keeps ranks generating until all have finished.
+`synced_gpus=True` keeps ranks generating until all have finished. With `sampling.seed` and prompt keys,
+sampling is keyed (`sampling.py`): the same prompt gets the same responses whatever batch or rank it is in.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from ..batching import repeat_prompts, select_prompts
 from ..models import PromptBatch, mm_token_type_ids
 from ..prompts import VISION_TOKENS
-from .base import RolloutOutput, SamplingParams, response_mask_from_ids
+from .base import RolloutOutput, SamplingParams, response_keys, response_mask_from_ids
+from .sampling import KeyedGumbelSampler
 
 
 class HFRollout:
@@ -26,13 +28,22 @@ class HFRollout:
         """Nothing to copy: generation runs on the training module itself."""
 
     @staticmethod
-    def _sampling_kwargs(sampling: SamplingParams) -> dict:
+    def _sampling_kwargs(sampling: SamplingParams, keys: torch.Tensor | None, prompt_width: int) -> dict:
+        # repetition_penalty=1: a checkpoint's generation_config (Qwen2.5-VL ships 1.05) would otherwise bend the
+        # sampling distribution away from the policy whose log-probs the loss uses
+        common = {"repetition_penalty": 1.0}
         if sampling.temperature == 0:  # greedy (evaluation)
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+            return {"do_sample": False, **common}
+        if keys is not None:
+            sampler = KeyedGumbelSampler(keys, sampling.seed, sampling.temperature, sampling.top_p, prompt_width)
+            return {"do_sample": False, "logits_processor": [sampler], **common}
+        return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0,
+                **common}
 
     @torch.no_grad()
-    def generate(self, prompts: PromptBatch, sampling: SamplingParams) -> RolloutOutput:
+    def generate(self, prompts: PromptBatch, sampling: SamplingParams,
+                 prompt_keys: list[int] | None = None) -> RolloutOutput:
+        """n responses per prompt. Keyed sampling when `sampling.seed` is set and `prompt_keys` given."""
         num_prompts = len(prompts.images_per_prompt)
         per_call = max(1, self.batch_size // sampling.n)  # whole prompts per generate call
         pieces = []
@@ -40,13 +51,16 @@ class HFRollout:
         self.model.eval()
         try:
             for start in range(0, num_prompts, per_call):
-                chunk = repeat_prompts(select_prompts(prompts, list(range(start, min(start + per_call, num_prompts)))),
-                                       sampling.n)
+                index = list(range(start, min(start + per_call, num_prompts)))
+                chunk = repeat_prompts(select_prompts(prompts, index), sampling.n)
+                keys = None
+                if sampling.seed is not None and prompt_keys is not None:
+                    keys = response_keys([prompt_keys[i] for i in index], sampling.n)
                 out = self.model.generate(
                     input_ids=chunk.input_ids, attention_mask=chunk.attention_mask,
                     pixel_values=chunk.pixel_values.to(self.model.dtype), image_grid_thw=chunk.image_grid_thw,
                     mm_token_type_ids=mm_token_type_ids(chunk.input_ids, self.model.config.image_token_id),
-                    **self._sampling_kwargs(sampling),
+                    **self._sampling_kwargs(sampling, keys, chunk.input_ids.shape[1]),
                     max_new_tokens=sampling.max_new_tokens, synced_gpus=self.synced_gpus,
                     suppress_tokens=self.suppress,
                     pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)

@@ -1,8 +1,10 @@
 """vLLM rollout: one in-process engine per rank, fed the trainer's weights, put to sleep while training.
 
-API followed: vLLM's offline `LLM` class as of v0.2x (checked against vllm-project/vllm sources of the v0.26
-generation: `vllm/entrypoints/llm.py`, `vllm/v1/executor/uniproc_executor.py`, `vllm/v1/engine/core.py`,
-`vllm/multimodal/processing/processor.py`, `vllm/model_executor/models/qwen2_5_vl.py`). What is relied on:
+API followed: vLLM v0.26 (V1 engine), offline `LLM` class; read from vllm-project/vllm sources
+`vllm/entrypoints/llm.py`, `vllm/v1/executor/uniproc_executor.py`, `vllm/v1/engine/core.py`,
+`vllm/v1/core/sched/utils.py`, `vllm/multimodal/processing/processor.py`, `vllm/model_executor/models/qwen2_5_vl.py`,
+`vllm/config/parallel.py`. The calls used keep these signatures across the 0.2x releases; `mm_processor_cache_gb`
+replaced `disable_mm_preprocessor_cache` in older ones. What is relied on:
 
 * `LLM(model=dir, distributed_executor_backend="external_launcher", tensor_parallel_size=1, ...)`: every rank
   builds its own engine inside the torchrun/deepspeed process (the executor reads RANK / LOCAL_RANK, creates
@@ -52,6 +54,7 @@ from .base import RolloutOutput, SamplingParams, response_mask_from_ids
 WORKER_EXTENSION = f"{__name__}.PAPOWorkerExtension"
 LOAD_METHOD = "papo_load_weights"
 SUPPRESS_BIAS = -100.0  # logit bias for vision tokens (vLLM applies it before sampling; exp(-100) ~ 0)
+KEYED_SEED_RANGE = 2**62  # per-request seeds stay well inside torch.Generator.manual_seed's range
 
 
 class PAPOWorkerExtension:
@@ -110,7 +113,7 @@ class VLLMRollout:
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             enable_sleep_mode=self.sleep_mode,
             worker_extension_cls=WORKER_EXTENSION,
-            limit_mm_per_prompt={"image": max_images_per_prompt},
+            limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},  # 0: no video profiling/memory
             mm_processor_cache_gb=0,  # no preprocessor cache across RL steps
             mm_processor_kwargs={"min_pixels": cfg.data.min_pixels, "max_pixels": cfg.data.max_pixels},
             generation_config="vllm",
@@ -183,14 +186,14 @@ class VLLMRollout:
     # ------------------------------------------------------------------------------------------------------
     # generation
 
-    def _requests(self, prompts: PromptBatch) -> tuple[list[dict], list[int]]:
+    def _requests(self, prompts: PromptBatch) -> tuple[list[dict], list[tuple[int, int]]]:
         if prompts.images is None:
             raise ValueError("VLLMRollout needs PromptBatch.images (the raw PIL images): vLLM runs its own "
                              "image processor")
         requests, lengths = [], []  # lengths: (trainer's expanded length, collapsed length)
         for b in range(prompts.input_ids.shape[0]):
             ids = prompts.input_ids[b][prompts.attention_mask[b].bool()].tolist()
-            collapsed, runs = ids, collapse_image_pads(ids, self.image_token_id)[1]
+            collapsed, runs = collapse_image_pads(ids, self.image_token_id)
             images = list(prompts.images[b])
             if runs != len(images) or runs != prompts.images_per_prompt[b]:
                 raise ValueError(f"prompt {b}: {runs} image placeholder runs but {len(images)} images")
@@ -198,24 +201,43 @@ class VLLMRollout:
             lengths.append((len(ids), len(collapsed)))
         return requests, lengths
 
-    def _sampling_params(self, sampling: SamplingParams):
+    def _sampling_params(self, sampling: SamplingParams, seed: int | None = None):
         greedy = sampling.temperature == 0
         return self.vllm.SamplingParams(
             n=sampling.n,
             temperature=0.0 if greedy else sampling.temperature,
             top_p=1.0 if greedy else sampling.top_p,
             max_tokens=sampling.max_new_tokens,
+            seed=None if greedy else seed,
             stop_token_ids=[self.tokenizer.eos_token_id],
             logit_bias={t: SUPPRESS_BIAS for t in self.suppress},  # a sampled <|image_pad|> has no features
             detokenize=False,  # texts are decoded here, exactly as HFRollout does
         )
 
+    def _request_params(self, sampling: SamplingParams, prompt_keys: list[int] | None, count: int):
+        """One SamplingParams for all prompts, or (keyed sampling) one per prompt with its own seed.
+
+        Keyed: vLLM gives a request with `seed=s` a private generator and its k-th child (n > 1) `seed=s + k`,
+        so base s = f(sampling.seed) + key * n makes response (key, k) draw from seed f(seed) + key * n + k:
+        the same prompt samples the same way in any batch on any rank (up to batch-dependent rounding of the
+        logits). The draws are vLLM's, not the HF backend's keyed Gumbel noise: same property, other values."""
+        if sampling.seed is None or prompt_keys is None or sampling.temperature == 0:
+            return self._sampling_params(sampling)
+        if len(prompt_keys) != count:
+            raise ValueError(f"{len(prompt_keys)} prompt keys for {count} prompts")
+        base = (sampling.seed * 1_000_003) % KEYED_SEED_RANGE
+        return [self._sampling_params(sampling, (base + key * sampling.n) % KEYED_SEED_RANGE)
+                for key in prompt_keys]
+
     @torch.no_grad()
-    def generate(self, prompts: PromptBatch, sampling: SamplingParams) -> RolloutOutput:
+    def generate(self, prompts: PromptBatch, sampling: SamplingParams,
+                 prompt_keys: list[int] | None = None) -> RolloutOutput:
+        """n responses per prompt, prompt-major; keyed sampling when `sampling.seed` and `prompt_keys` are set."""
         requests, lengths = self._requests(prompts)
+        params = self._request_params(sampling, prompt_keys, len(requests))
         self._wake()
         try:
-            outputs = self.llm.generate(requests, self._sampling_params(sampling), use_tqdm=False)
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
         finally:
             self._clear_caches()
             if self.sleep_mode:
@@ -264,9 +286,12 @@ class VLLMRollout:
         one = strip_left_padding(select_prompts(prompts, [0]))
         greedy = SamplingParams(1, 0.0, 1.0, max_new_tokens)
         mine = self.generate(one, greedy)
-        theirs = HFRollout(module, self.tokenizer, batch_size=1, synced_gpus=synced_gpus).generate(one, greedy)
+        device = next(module.parameters()).device  # ZeRO-3: the (empty) shard still sits on the right device
+        on_device = PromptBatch(one.input_ids.to(device), one.attention_mask.to(device), one.pixel_values.to(device),
+                                one.image_grid_thw.to(device), one.images_per_prompt, one.images)
+        theirs = HFRollout(module, self.tokenizer, batch_size=1, synced_gpus=synced_gpus).generate(on_device, greedy)
         a = mine.response_ids[0][mine.response_mask[0].bool()].tolist()
-        b = theirs.response_ids[0][theirs.response_mask[0].bool()].tolist()
+        b = theirs.response_ids[0].cpu()[theirs.response_mask[0].cpu().bool()].tolist()
         total = max(len(a), len(b))
         if total == 0:
             return 1.0
