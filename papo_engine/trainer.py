@@ -133,6 +133,9 @@ class PAPOTrainer:
         self.sampling = SamplingParams(cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p,
                                        cfg.rollout.max_new_tokens, seed=cfg.trainer.seed)
         self.settings = loss_settings(cfg.algo)
+        # GRPO/DAPO (γ = η_mask = 0): no masked images, no masked branch — a true baseline, not PAPO at γ = 0
+        a = cfg.algo
+        self.masked_branch = a.gamma > 0 or (a.gamma_schedule == "linear" and a.gamma_final > 0) or a.eta_mask > 0
         self.data_cursor = 0
         self.start_step, self.history, self.nonfinite_skipped = 0, [], 0
         if self.resume_from is not None:
@@ -278,7 +281,7 @@ class PAPOTrainer:
         parts = []
         for a, b in self.micro_batches(len(seqs)):
             mb = seqs.slice(a, b)
-            part = response_token_stats(model, mb, both_branches=True, temperature=temperature)
+            part = response_token_stats(model, mb, both_branches=self.masked_branch, temperature=temperature)
             if self.reference is not None:
                 part["ref_logprobs"] = response_token_stats(self.reference, mb, both_branches=False,
                                                             temperature=temperature)["logprobs"]
@@ -290,7 +293,9 @@ class PAPOTrainer:
         chunks = self.micro_batches(len(seqs))
         global_tokens = dist_utils.all_reduce_sum(seqs.response_mask.sum())
         global_seqs = dist_utils.all_reduce_sum(len(seqs))
-        both = self.settings.masked_grad  # official: masked log-probs are the rollout-time constants
+        # official: the masked branch's log-probs are the rollout-time constants (no masked forward here)
+        both = self.settings.masked_grad and self.masked_branch
+        rollout_time = {k: old[k] for k in ("masked_logprobs", "masked_entropy", "kl") if k in old}
         sums: dict[str, float] = {}
         per_seq_kl = []
         applied_all = True
@@ -302,6 +307,7 @@ class PAPOTrainer:
                 self.engine.start_micro_batch()
                 stats = response_token_stats(model, mb, both_branches=both, temperature=self.sampling.temperature)
                 mask = mb.response_mask
+                masked = stats if both else {k: v[a:b] for k, v in rollout_time.items()}
                 if self.settings.official:  # the authors: token-mean per micro-batch / accumulation count
                     token_norm = mask.sum().clamp(min=1) * len(chunks)
                 else:
@@ -309,9 +315,8 @@ class PAPOTrainer:
                 inputs = LossInputs(
                     logprobs=stats["logprobs"], old_logprobs=old["logprobs"][a:b], response_mask=mask,
                     advantages=advantages[a:b],
-                    masked_logprobs=stats["masked_logprobs"] if both else old["masked_logprobs"][a:b],
-                    entropy=stats["entropy"], masked_entropy=stats["masked_entropy"] if both else
-                    old["masked_entropy"][a:b], full_kl=stats["kl"] if both else old["kl"][a:b],
+                    entropy=stats["entropy"], masked_logprobs=masked.get("masked_logprobs"),
+                    masked_entropy=masked.get("masked_entropy"), full_kl=masked.get("kl"),
                     ref_logprobs=old["ref_logprobs"][a:b] if "ref_logprobs" in old else None)
                 loss, metrics = papo_loss(inputs, self.cfg.algo, gamma, token_normalizer=token_norm,
                                           seq_normalizer=global_seqs)
@@ -363,7 +368,8 @@ class PAPOTrainer:
             seqs = batch.sequences
             with timer.phase("advantages"):
                 advantages = group_advantages(batch.scores["reward"], self.sampling.n, cfg.algo.norm_adv_by_std)
-                self.attach_masks(batch)
+                if self.masked_branch:
+                    self.attach_masks(batch)
             with timer.phase("old_logprobs"):
                 old = self.old_stats(seqs)
             gamma = gamma_at(step, steps, cfg.algo)
@@ -378,13 +384,16 @@ class PAPOTrainer:
             self.nonfinite_skipped += 0 if applied else 1
             mask = seqs.response_mask
             tokens, sequences = float(mask.sum()), float(len(mask))
+            masked = {  # perception diagnostics exist only where the masked branch runs
+                "perception_kl": (float((old["kl"] * mask).sum()), tokens),
+                "masked_entropy": (float((old["masked_entropy"] * mask).sum()), tokens),
+                "perception_reliance_mean": (float(per_seq_kl.sum()), float(len(per_seq_kl))),
+            } if self.masked_branch else {}
             metrics = dist_utils.global_means({  # over all ranks' sequences / tokens
                 **{k: (float(v.sum()), sequences) for k, v in batch.scores.items()},
                 "response_length": (float(mask.sum()), sequences),
-                "perception_kl": (float((old["kl"] * mask).sum()), tokens),
                 "entropy": (float((old["entropy"] * mask).sum()), tokens),
-                "masked_entropy": (float((old["masked_entropy"] * mask).sum()), tokens),
-                "perception_reliance_mean": (float(per_seq_kl.sum()), float(len(per_seq_kl))),
+                **masked,
             })
             metrics.update({
                 "clip_fraction": upd.get("update/pg_clipfrac", 0.0),
@@ -412,7 +421,7 @@ class PAPOTrainer:
             if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0:
                 self.save_checkpoint(step + 1)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics.get('accuracy', 0):.2f}",
-                            kl=f"{metrics['perception_kl']:.3f}")
+                            kl=f"{metrics.get('perception_kl', 0.0):.3f}")
         return self.finish(self.history)
 
     def _reduce_metrics(self, metrics: dict) -> dict:

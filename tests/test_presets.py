@@ -41,7 +41,7 @@ def test_published_hyperparameters():
     assert official.official is True
 
 
-@pytest.mark.parametrize("preset", ["papo_g_3b", "papo_d_3b"])
+@pytest.mark.parametrize("preset", ["papo_g_3b", "papo_d_3b", "grpo_3b"])
 def test_preset_two_steps_on_tiny_model(preset, tmp_path):
     cmd = [sys.executable, "-m", "papo_engine.cli", "train", "--config", str(ROOT / "configs" / f"{preset}.yaml"),
            *TINY, f"trainer.output_dir={tmp_path}", "logging.wandb=false"]
@@ -51,8 +51,12 @@ def test_preset_two_steps_on_tiny_model(preset, tmp_path):
     assert len(rows) == 2
     if preset == "papo_g_3b":
         assert all("update/ref_kl" in r for r in rows)  # β = 0.01: the reference model is used
-    else:
+    elif preset == "papo_d_3b":
         assert all("dynamic_sampling/rounds" in r for r in rows)
+    else:  # the GRPO baseline runs no masked branch at all
+        assert not any("perception_kl" in r or "masked_entropy" in r for r in rows)
+    if preset != "grpo_3b":
+        assert all(r["perception_kl"] >= 0 and "masked_entropy" in r for r in rows)
 
 
 # ---------------------------------------------------------------------------------------------------------
