@@ -1,12 +1,17 @@
 """The policy forward: original and masked images through ONE forward as one batch of 2B sequences, final
 hidden states split in two, and the fused head computing per-token log-probs, entropies and KL(π‖π_mask).
 
-The two halves share input_ids, attention mask and (M-RoPE) positions; only pixel_values differ, so under
-ZeRO-3 the parameters are gathered once for both branches.
+The two halves share input_ids, attention mask and (M-RoPE) positions; only pixel_values differ.
+
+Shared prompts: the n responses to a prompt share its tokens and image, so (when `prompt_group` says which
+sequences share a prompt) each distinct prompt — image tokens included — runs once per branch and its key/value
+cache is expanded to the responses, which then run attending to it. Exact (same positions, same attention), and
+the prompt's share of the work drops n-fold; gradients flow back through the shared cache. Not used under
+gradient checkpointing (HF drops the cache inside checkpointed layers).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,6 +26,7 @@ class SequenceBatch:
     response_ids: torch.Tensor        # [S, R]
     response_mask: torch.Tensor       # [S, R] float
     masked_pixel_values: torch.Tensor | None = None  # laid out like prompts.pixel_values
+    prompt_group: torch.Tensor | None = None  # [S]: equal ids on consecutive rows = the same prompt (and image)
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -28,8 +34,9 @@ class SequenceBatch:
     def slice(self, start: int, stop: int) -> "SequenceBatch":
         masked = (None if self.masked_pixel_values is None
                   else slice_pixel_rows(self.prompts, self.masked_pixel_values, start, stop))
+        group = None if self.prompt_group is None else self.prompt_group[start:stop]
         return SequenceBatch(select_prompts(self.prompts, list(range(start, stop))),
-                             self.response_ids[start:stop], self.response_mask[start:stop], masked)
+                             self.response_ids[start:stop], self.response_mask[start:stop], masked, group)
 
 
 def final_hidden(model, input_ids, attention_mask, pixel_values, image_grid_thw) -> torch.Tensor:
@@ -40,24 +47,76 @@ def final_hidden(model, input_ids, attention_mask, pixel_values, image_grid_thw)
     return out.last_hidden_state
 
 
+def _branches(batch: SequenceBatch, both_branches: bool):
+    """(pixel_values, image_grid_thw, copies): the original images, then the masked ones when both branches."""
+    prompts = batch.prompts
+    if not both_branches:
+        return prompts.pixel_values, prompts.image_grid_thw, 1
+    if batch.masked_pixel_values is None:
+        raise ValueError("both_branches=True needs batch.masked_pixel_values")
+    return (torch.cat([prompts.pixel_values, batch.masked_pixel_values]),
+            torch.cat([prompts.image_grid_thw, prompts.image_grid_thw]), 2)
+
+
 def response_hidden(model, batch: SequenceBatch, both_branches: bool) -> torch.Tensor:
     """Final hidden states at the positions that predict each response token: [S, R, d], or [2S, R, d] with the
     masked-image half stacked after the original half."""
+    if batch.prompt_group is not None and not model.is_activation_checkpointing:
+        return _shared_prompt_hidden(model, batch, both_branches)
     prompts = batch.prompts
     P = prompts.input_ids.shape[1]
     R = batch.response_ids.shape[1]
     input_ids = torch.cat([prompts.input_ids, batch.response_ids], dim=1)
     attention_mask = torch.cat([prompts.attention_mask, batch.response_mask.to(prompts.attention_mask.dtype)], 1)
-    pixel_values, grid = prompts.pixel_values, prompts.image_grid_thw
-    if both_branches:
-        if batch.masked_pixel_values is None:
-            raise ValueError("both_branches=True needs batch.masked_pixel_values")
-        input_ids, attention_mask = input_ids.repeat(2, 1), attention_mask.repeat(2, 1)
-        pixel_values = torch.cat([pixel_values, batch.masked_pixel_values])
-        grid = torch.cat([grid, grid])
-    hidden = final_hidden(model, input_ids, attention_mask, pixel_values, grid)
+    pixel_values, grid, copies = _branches(batch, both_branches)
+    hidden = final_hidden(model, input_ids.repeat(copies, 1), attention_mask.repeat(copies, 1), pixel_values, grid)
     # position t predicts token t+1: response token j is predicted by the hidden state at P + j - 1
     return hidden[:, P - 1:P - 1 + R]
+
+
+def _shared_prompt_hidden(model, batch: SequenceBatch, both_branches: bool) -> torch.Tensor:
+    """`response_hidden` with each distinct prompt run once per branch (see the module docstring)."""
+    from transformers import DynamicCache
+
+    prompts = batch.prompts
+    S, P = prompts.input_ids.shape
+    R = batch.response_ids.shape[1]
+    group = batch.prompt_group
+    first = torch.ones(S, dtype=torch.bool)
+    first[1:] = group[1:] != group[:-1]
+    firsts = torch.nonzero(first).flatten().tolist()
+    seq_to_distinct = torch.cumsum(first.long(), 0) - 1                      # [S]
+    input_ids = torch.cat([prompts.input_ids, batch.response_ids], dim=1)
+    attention_mask = torch.cat([prompts.attention_mask, batch.response_mask.to(prompts.attention_mask.dtype)], 1)
+    # M-RoPE positions of the full sequences, exactly as the model computes them in one forward
+    positions, _ = model.model.get_rope_index(
+        input_ids, mm_token_type_ids(input_ids, model.config.image_token_id),
+        image_grid_thw=prompts.image_grid_thw, attention_mask=attention_mask)
+    distinct = SequenceBatch(select_prompts(prompts, firsts), batch.response_ids[firsts],
+                             batch.response_mask[firsts],
+                             None if batch.masked_pixel_values is None else
+                             _select_pixel_rows(prompts, batch.masked_pixel_values, firsts))
+    pixel_values, grid, copies = _branches(distinct, both_branches)
+    prompt_ids = distinct.prompts.input_ids.repeat(copies, 1)
+    cache = DynamicCache()
+    prompt_out = model.model(
+        input_ids=prompt_ids, attention_mask=distinct.prompts.attention_mask.repeat(copies, 1),
+        position_ids=positions[:, firsts, :P].repeat(1, copies, 1), pixel_values=pixel_values.to(model.dtype),
+        image_grid_thw=grid, mm_token_type_ids=mm_token_type_ids(prompt_ids, model.config.image_token_id),
+        cache=cache, use_cache=True)
+    # branch c of sequence i reads distinct prompt c·U + seq_to_distinct[i]
+    expand = torch.cat([seq_to_distinct + c * len(firsts) for c in range(copies)])
+    cache.batch_select_indices(expand)
+    response_out = model.model(
+        input_ids=batch.response_ids.repeat(copies, 1), attention_mask=attention_mask.repeat(copies, 1),
+        position_ids=positions[:, :, P:].repeat(1, copies, 1), cache=cache, use_cache=True)
+    last_prompt = prompt_out.last_hidden_state[expand, P - 1:P]              # predicts response token 0
+    return torch.cat([last_prompt, response_out.last_hidden_state[:, :R - 1]], dim=1)
+
+
+def _select_pixel_rows(prompts, pixel_values: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """Rows of `pixel_values` (laid out like prompts.pixel_values) for prompts `index`, in that order."""
+    return select_prompts(replace(prompts, pixel_values=pixel_values), index).pixel_values
 
 
 def response_token_stats(model, batch: SequenceBatch, *, both_branches: bool, temperature: float) -> dict:

@@ -17,11 +17,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def keep_freed_memory() -> None:
+    """Stop glibc from handing large freed blocks back to the OS: each phase of a CPU step (rollout, old
+    log-probs, update) would otherwise page-fault its working set back in after the previous one freed it
+    (measured: 5-15% of a tiny-model step). The process keeps its peak heap instead."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest allowed value on 64-bit
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
 def prepare_environment() -> None:
     """Environment defaults that must be in place before deepspeed/triton are imported."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ.setdefault("TRITON_INTERPRET", "1")
+        keep_freed_memory()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR",
                           os.path.join(os.path.expanduser("~"), ".cache", "papo_engine", "torch_extensions"))

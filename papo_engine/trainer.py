@@ -205,7 +205,9 @@ class PAPOTrainer:
             scores["reward"] = scores["reward"] + overlong_penalty(
                 out.response_mask.sum(1), self.sampling.max_new_tokens, self.cfg.algo.overlong_buffer,
                 self.cfg.algo.overlong_penalty)
-        sequences = SequenceBatch(repeat_prompts(prompts, self.sampling.n), out.response_ids, out.response_mask)
+        groups = torch.arange(len(samples)).repeat_interleave(self.sampling.n)  # the n responses share a prompt
+        sequences = SequenceBatch(repeat_prompts(prompts, self.sampling.n), out.response_ids, out.response_mask,
+                                  prompt_group=groups)
         return Rollouts(prompts, keys, [s.answer for s in samples], sequences, scores, out.texts)
 
     def collect(self, timer: Timer) -> tuple[Rollouts, dict]:
@@ -253,7 +255,8 @@ class PAPOTrainer:
 
         sequences = SequenceBatch(concat_prompts([x.sequences.prompts for x in groups], pad),
                                   torch.cat([right_pad(x.sequences.response_ids, pad) for x in groups]),
-                                  torch.cat([right_pad(x.sequences.response_mask, 0.0) for x in groups]))
+                                  torch.cat([right_pad(x.sequences.response_mask, 0.0) for x in groups]),
+                                  prompt_group=torch.arange(len(groups)).repeat_interleave(n))
         return Rollouts(concat_prompts([x.prompts for x in groups], pad), [k for x in groups for k in x.prompt_keys],
                         [a for x in groups for a in x.answers],
                         sequences, {k: torch.cat([x.scores[k] for x in groups]) for k in groups[0].scores},

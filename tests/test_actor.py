@@ -80,3 +80,33 @@ def test_fused_and_unfused_head_give_same_loss_gradients(tiny):
     assert torch.allclose(grads[True][0], grads[False][0], rtol=1e-5)
     for name, g in grads[False][1].items():
         assert torch.allclose(grads[True][1][name], g, rtol=1e-4, atol=1e-6), name
+
+
+def _with_groups(batch, n):
+    from dataclasses import replace
+    groups = torch.arange(len(batch) // n).repeat_interleave(n)
+    return replace(batch, prompt_group=groups)
+
+
+def test_shared_prompt_forward_equals_the_full_forward_values_and_gradients(tiny):
+    """Each prompt once per branch + its KV cache expanded to the n responses = one full forward per sequence,
+    for the values and for every parameter's gradient; also on a slice that cuts a prompt's group."""
+    model = tiny[3].train()
+
+    def run(batch):
+        model.zero_grad(set_to_none=True)
+        stats = response_token_stats(model, batch, both_branches=True, temperature=0.9)
+        loss = (stats["logprobs"].sum() - 0.3 * stats["kl"].sum() + 0.1 * stats["entropy"].sum()
+                + 0.5 * stats["masked_logprobs"].sum())
+        loss.backward()
+        return stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = _batch(tiny, prompts=3, n=3)
+    grouped = _with_groups(plain, 3)
+    for full_batch, shared_batch in ((plain, grouped), (plain.slice(2, 8), grouped.slice(2, 8))):
+        (full, full_grads), (shared, shared_grads) = run(full_batch), run(shared_batch)
+        for key in full:
+            assert torch.allclose(shared[key], full[key], atol=1e-5, rtol=0), key
+        assert full_grads.keys() == shared_grads.keys()
+        for name, g in full_grads.items():
+            assert torch.allclose(shared_grads[name], g, rtol=1e-4, atol=1e-6), name
