@@ -11,7 +11,7 @@ import socket
 import torch
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -42,7 +42,7 @@ def prepare_environment() -> None:
                           os.path.join(os.path.expanduser("~"), ".cache", "papo_engine", "torch_extensions"))
     if "RANK" not in os.environ:  # plain `python`: one process
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def init_distributed() -> tuple[int, int]:

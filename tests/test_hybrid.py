@@ -7,11 +7,8 @@ import copy
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,31 +21,20 @@ from papo_engine.batching import select_prompts  # noqa: E402
 from papo_engine.config import Config, ConfigError  # noqa: E402
 from papo_engine.data import GeneratedDataset  # noqa: E402
 from papo_engine.hybrid import HybridEngine  # noqa: E402
+from papo_engine.trainer import Timer  # noqa: E402
 from papo_engine.models import encode_prompts  # noqa: E402
 from papo_engine.rollout import build_rollout  # noqa: E402
 from papo_engine.rollout.base import SamplingParams, response_mask_from_ids  # noqa: E402
 from papo_engine.rollout.hf import HFRollout  # noqa: E402
 from papo_engine.rollout.vllm import VLLMRollout, collapse_image_pads  # noqa: E402
 from papo_engine.weight_sync import checkpoint_names, iter_weight_buckets  # noqa: E402
+from papo_engine.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
-
-
-class Timer:  # the trainer's Timer interface (phase(name) context manager, seconds per name)
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 class FakeDeepSpeed:
@@ -148,17 +134,12 @@ def test_buckets_cover_every_parameter_once_under_checkpoint_names_within_the_li
     assert set(checkpoint_names(trainer).values()) == set(saved)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_zero3_single_process_gathers_full_tensors_per_bucket(tmp_path):
     out = tmp_path / "verdict.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()))
+               MASTER_PORT=str(free_port()))
     result = subprocess.run([sys.executable, __file__, "zero3", str(out)], capture_output=True, text=True,
                             cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

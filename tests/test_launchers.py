@@ -2,27 +2,22 @@
 sharded training checkpoint exports to the same model the run saved."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from papo_engine.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_deepspeed_launcher_two_ranks_zero3(tmp_path, tiny):
     launcher = Path(sys.executable).parent / "deepspeed"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "papo_engine.cli",
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "papo_engine.cli",
            "train", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "deepspeed.zero_stage=3",
            "trainer.steps=2", "warmup.steps=2", "trainer.prompts_per_step=4", "rollout.n=2",
            "rollout.max_new_tokens=8", "trainer.eval_samples=8", "logging.wandb=false", "trainer.save_every=2",

@@ -4,13 +4,13 @@ batch (4 prompts x 4 responses; 2 prompts per rank). One held-out sample: the ra
 the collective generation."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from papo_engine.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["trainer.steps=3", "warmup.steps=20", "trainer.prompts_per_step=4", "rollout.n=4",
@@ -20,17 +20,12 @@ COMPARED = ["reward", "response_length", "perception_kl", "entropy", "update/los
             "update/perception_kl", "grad_norm"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _train(out: Path, ranks: int, *overrides) -> tuple[list[dict], dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                                                  str(ranks), "--master_port", str(_free_port())]
+                                                  str(ranks), "--master_port", str(free_port())]
     cmd = [*launch, "-m", "papo_engine.cli", "train", f"trainer.output_dir={out}", *RUN, *overrides]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

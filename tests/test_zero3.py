@@ -2,20 +2,15 @@
 fused and eager heads give the loss and full gradients of one process without DeepSpeed."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from papo_engine.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_zero3_two_ranks_fused_equals_eager_equals_one_process(tmp_path):
@@ -23,7 +18,7 @@ def test_zero3_two_ranks_fused_equals_eager_equals_one_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(ROOT / "tests" / "multiproc" / "zero3_fused_head.py"), str(out)]
+           str(free_port()), str(ROOT / "tests" / "multiproc" / "zero3_fused_head.py"), str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     verdict = json.loads(out.read_text())
