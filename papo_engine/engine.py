@@ -59,8 +59,12 @@ class TrainingEngine:
 
         self.cfg = cfg
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                      weight_decay=cfg.optim.weight_decay)
+        adam = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+        if cfg.deepspeed.offload_optimizer:  # optimizer states live on the CPU: DeepSpeed's vectorized CPU AdamW
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **adam)
+        else:
+            optimizer = torch.optim.AdamW(params, **adam)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size))
         self.zero_stage = cfg.deepspeed.zero_stage

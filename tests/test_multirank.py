@@ -51,3 +51,14 @@ def test_two_ranks_follow_one_rank(one_rank, tmp_path, zero_stage):
     assert all(r["grad_norm"] > 0 for r in rows_1)  # real updates, not zero-advantage no-ops
     differ = max(float((weights_1[k] - weights_2[k]).abs().max()) for k in weights_1)
     assert differ < 1e-5, differ
+
+
+def test_zero3_with_parameter_and_optimizer_offload_follows_one_rank(one_rank, tmp_path):
+    """ZeRO-3 with parameters and optimizer states offloaded (DeepSpeed's CPU AdamW), 2 ranks."""
+    rows_1, weights_1 = one_rank
+    rows_2, weights_2 = _train(tmp_path, 2, "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
+                               "deepspeed.offload_params=true")
+    for a, b in zip(rows_1, rows_2):
+        for key in COMPARED:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert max(float((weights_1[k] - weights_2[k]).abs().max()) for k in weights_1) < 1e-5
