@@ -7,7 +7,6 @@ Every field carries its allowed values in `metadata` so a bad value is reported 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path

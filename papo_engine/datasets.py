@@ -37,7 +37,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from .config import ConfigError
 from .data import Sample
-from .prompts import IMAGE_PAD, chat_prompt
+from .prompts import chat_prompt
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ gradient back to the partition, so the fused op must run inside `FusedLMHead.for
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 import papo_kernels
