@@ -161,6 +161,8 @@ class KernelConfig:
 class TrainerConfig:
     steps: int = _f(200, low=1)
     prompts_per_step: int = _f(16, low=1)
+    mini_batch_prompts: int = _f(0, low=0, help="prompts per optimizer step (the paper: 384 per rollout, 128 "
+                                                "per update); 0 = prompts_per_step, one update per rollout")
     micro_batch_size: int = _f(64, low=1, help="sequences per update micro-batch (per rank)")
     ppo_epochs: int = _f(1, low=1)
     seed: int = _f(0)
@@ -366,6 +368,9 @@ def validate(cfg: Config) -> None:
     betas = cfg.optim.betas
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
         raise ConfigError(f"optim.betas={betas!r}: must be two numbers in [0, 1)")
+    if cfg.trainer.mini_batch_prompts and cfg.trainer.prompts_per_step % cfg.trainer.mini_batch_prompts:
+        raise ConfigError(f"trainer.mini_batch_prompts={cfg.trainer.mini_batch_prompts}: must divide "
+                          f"trainer.prompts_per_step={cfg.trainer.prompts_per_step}")
     if cfg.rollout.n < 2:
         raise ConfigError(f"rollout.n={cfg.rollout.n}: must be >= 2 for group-normalized advantages")
     if cfg.model.num_heads % cfg.model.num_kv_heads or cfg.model.hidden_size % cfg.model.num_heads:

@@ -99,9 +99,12 @@ class PAPOTrainer:
         """`resume`: "latest" or a checkpoint folder to continue from; None starts a new run."""
         self.cfg = cfg
         self.rank, self.world = dist_utils.init_distributed()
-        if cfg.trainer.prompts_per_step % self.world:
-            raise ConfigError(f"trainer.prompts_per_step={cfg.trainer.prompts_per_step}: must be divisible by "
-                              f"the number of ranks ({self.world})")
+        mini_batch = cfg.trainer.mini_batch_prompts or cfg.trainer.prompts_per_step
+        if mini_batch % self.world:
+            raise ConfigError(f"trainer.mini_batch_prompts={mini_batch} (prompts per optimizer step; "
+                              f"trainer.prompts_per_step when 0): must be divisible by the number of ranks "
+                              f"({self.world})")
+        self.updates_per_step = cfg.trainer.prompts_per_step // mini_batch
         seed_everything(cfg.trainer.seed)
         self.out_dir = Path(cfg.trainer.output_dir)
         self.resume_from = self._resume_point(resume)
@@ -175,11 +178,14 @@ class PAPOTrainer:
     # data
 
     def next_prompts(self, count: int) -> tuple[list, list[int]]:
-        """`count` global prompts in a seeded per-epoch order; this rank keeps its contiguous share.
+        """`count` global prompts in a seeded per-epoch order, split into the step's optimizer mini-batches;
+        this rank keeps its contiguous share of each mini-batch, so global mini-batch i is the union of the
+        ranks' local mini-batch i whatever the number of ranks.
         Returns (samples, keys): a prompt's key is its global draw index, the same on every rank."""
-        share = count // self.world
-        first = self.data_cursor + self.rank * share
-        keys = list(range(first, first + share))
+        per_update = count // self.updates_per_step
+        share = per_update // self.world
+        keys = [self.data_cursor + i * per_update + self.rank * share + j
+                for i in range(self.updates_per_step) for j in range(share)]
         samples = []
         for key in keys:
             epoch, pos = divmod(key, len(self.train_set))
@@ -236,7 +242,14 @@ class PAPOTrainer:
         if not kept:  # nothing informative at all: train on the last batch (zero advantages, no-op pg)
             return pieces[-1], info
         kept = kept[:per_rank]
-        return self._merge_groups(pieces, kept), info
+        # every rank trains on per_rank groups (equal micro-batch counts keep DeepSpeed's collectives in step):
+        # missing groups are copies of kept ones with their responses masked out, so they add nothing
+        padding = per_rank - len(kept)
+        batch = self._merge_groups(pieces, kept + [kept[i % len(kept)] for i in range(padding)])
+        if padding:
+            batch.sequences.response_mask[-padding * n:] = 0
+        info["dynamic_sampling/padding_groups"] = padding
+        return batch, info
 
     def _merge_groups(self, pieces: list[Rollouts], kept: list[tuple[int, int]]) -> Rollouts:
         """One batch from group `g` of piece `i` for each (i, g) in `kept`, in that order."""
@@ -292,62 +305,71 @@ class PAPOTrainer:
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def update(self, seqs: SequenceBatch, advantages: torch.Tensor, old: dict, gamma: float) -> dict:
+        """ppo_epochs passes; each pass takes `updates_per_step` optimizer steps over consecutive mini-batches
+        (the paper: 384 prompts per rollout, 128 per update), each accumulated over micro-batches."""
         model = self.engine.module
-        chunks = self.micro_batches(len(seqs))
-        global_tokens = dist_utils.all_reduce_sum(seqs.response_mask.sum())
-        global_seqs = dist_utils.all_reduce_sum(len(seqs))
         # official: the masked branch's log-probs are the rollout-time constants (no masked forward here)
         both = self.settings.masked_grad and self.masked_branch
         rollout_time = {k: old[k] for k in ("masked_logprobs", "masked_entropy", "kl") if k in old}
+        per_update = len(seqs) // self.updates_per_step
+        size = self.cfg.trainer.micro_batch_size
         sums: dict[str, float] = {}
         per_seq_kl = []
         applied_all = True
         grad_norm = 0.0
         for epoch in range(self.cfg.trainer.ppo_epochs):
-            loss_finite = True
-            for i, (a, b) in enumerate(chunks):
-                mb = seqs.slice(a, b)
-                self.engine.start_micro_batch()
-                stats = response_token_stats(model, mb, both_branches=both, temperature=self.sampling.temperature)
-                mask = mb.response_mask
-                masked = stats if both else {k: v[a:b] for k, v in rollout_time.items()}
-                if self.settings.official:  # the authors: token-mean per micro-batch / accumulation count
-                    token_norm = mask.sum().clamp(min=1) * len(chunks)
-                else:
-                    token_norm = global_tokens
-                inputs = LossInputs(
-                    logprobs=stats["logprobs"], old_logprobs=old["logprobs"][a:b], response_mask=mask,
-                    advantages=advantages[a:b],
-                    entropy=stats["entropy"], masked_logprobs=masked.get("masked_logprobs"),
-                    masked_entropy=masked.get("masked_entropy"), full_kl=masked.get("kl"),
-                    ref_logprobs=old["ref_logprobs"][a:b] if "ref_logprobs" in old else None)
-                loss, metrics = papo_loss(inputs, self.cfg.algo, gamma, token_normalizer=token_norm,
-                                          seq_normalizer=global_seqs)
-                loss_finite = loss_finite and bool(torch.isfinite(loss))
-                # DeepSpeed averages gradients over ranks. Our loss is already a global mean, so undo that; the
-                # authors' (official) loss is a per-rank mean that they average the same way.
-                rank_scale = 1 if self.settings.official else self.world
-                self.engine.backward(loss * rank_scale, last_micro_batch=i == len(chunks) - 1)
-                weight = float(mask.sum())
-                for k, v in metrics.items():
-                    if k == "perception_kl_per_seq":
-                        if epoch == 0:
-                            per_seq_kl.append(v.detach().float())
-                        continue
-                    sums[k] = sums.get(k, 0.0) + float(v) * weight
-                sums["loss"] = sums.get("loss", 0.0) + float(loss)
-            grad_norm, applied = self.engine.step()
-            # a non-finite loss makes non-finite gradients, which every rank's step() detects and discards;
-            # a non-finite loss with finite gradients is not expected, and is reported rather than trusted
-            loss_finite = dist_utils.all_reduce_sum(float(not loss_finite)) == 0
-            if applied and not loss_finite:
-                warnings.warn("non-finite loss but finite gradients: the step was applied")
-            applied_all = applied_all and applied
+            for lo in range(0, len(seqs), per_update):
+                hi = lo + per_update
+                valid = seqs.response_mask[lo:hi]
+                global_tokens = dist_utils.all_reduce_sum(valid.sum())
+                global_seqs = dist_utils.all_reduce_sum((valid.sum(1) > 0).sum())  # DAPO padding excluded
+                chunks = [(a, min(a + size, hi)) for a in range(lo, hi, size)]
+                loss_finite = True
+                for i, (a, b) in enumerate(chunks):
+                    mb = seqs.slice(a, b)
+                    self.engine.start_micro_batch()
+                    stats = response_token_stats(model, mb, both_branches=both,
+                                                 temperature=self.sampling.temperature)
+                    mask = mb.response_mask
+                    masked = stats if both else {k: v[a:b] for k, v in rollout_time.items()}
+                    if self.settings.official:  # the authors: token-mean per micro-batch / accumulation count
+                        token_norm = mask.sum().clamp(min=1) * len(chunks)
+                    else:
+                        token_norm = global_tokens
+                    inputs = LossInputs(
+                        logprobs=stats["logprobs"], old_logprobs=old["logprobs"][a:b], response_mask=mask,
+                        advantages=advantages[a:b],
+                        entropy=stats["entropy"], masked_logprobs=masked.get("masked_logprobs"),
+                        masked_entropy=masked.get("masked_entropy"), full_kl=masked.get("kl"),
+                        ref_logprobs=old["ref_logprobs"][a:b] if "ref_logprobs" in old else None)
+                    loss, metrics = papo_loss(inputs, self.cfg.algo, gamma, token_normalizer=token_norm,
+                                              seq_normalizer=global_seqs)
+                    loss_finite = loss_finite and bool(torch.isfinite(loss))
+                    # DeepSpeed averages gradients over ranks. Our loss is already a global mean, so undo that;
+                    # the authors' (official) loss is a per-rank mean that they average the same way.
+                    rank_scale = 1 if self.settings.official else self.world
+                    self.engine.backward(loss * rank_scale, last_micro_batch=i == len(chunks) - 1)
+                    weight = float(mask.sum())
+                    for k, v in metrics.items():
+                        if k == "perception_kl_per_seq":
+                            if epoch == 0:
+                                per_seq_kl.append(v.detach().float())
+                            continue
+                        sums[k] = sums.get(k, 0.0) + float(v) * weight
+                    sums["loss"] = sums.get("loss", 0.0) + float(loss)
+                grad_norm, applied = self.engine.step()
+                # a non-finite loss makes non-finite gradients, which every rank's step() detects and discards;
+                # a non-finite loss with finite gradients is not expected, and is reported rather than trusted
+                loss_finite = dist_utils.all_reduce_sum(float(not loss_finite)) == 0
+                if applied and not loss_finite:
+                    warnings.warn("non-finite loss but finite gradients: the step was applied")
+                applied_all = applied_all and applied
         # token-weighted means over ALL ranks' tokens; the loss is a sum of per-rank parts of one global mean
         total = float(seqs.response_mask.sum()) * self.cfg.trainer.ppo_epochs
         out = {f"update/{k}": v for k, v in dist_utils.global_means(
             {k: (v, total) for k, v in sums.items() if k != "loss"}).items()}
-        out["update/loss"] = dist_utils.all_reduce_sum(sums.get("loss", 0.0)) / self.cfg.trainer.ppo_epochs
+        optimizer_steps = self.cfg.trainer.ppo_epochs * self.updates_per_step
+        out["update/loss"] = dist_utils.all_reduce_sum(sums.get("loss", 0.0)) / optimizer_steps
         if self.settings.official:  # the authors' loss is a per-rank mean, averaged over ranks
             out["update/loss"] /= self.world
         out["grad_norm"] = grad_norm
@@ -386,14 +408,15 @@ class PAPOTrainer:
             consecutive_skips = 0 if applied else consecutive_skips + 1
             self.nonfinite_skipped += 0 if applied else 1
             mask = seqs.response_mask
-            tokens, sequences = float(mask.sum()), float(len(mask))
+            valid = mask.sum(1) > 0  # DAPO padding groups have no response tokens
+            tokens, sequences = float(mask.sum()), float(valid.sum())
             masked = {  # perception diagnostics exist only where the masked branch runs
                 "perception_kl": (float((old["kl"] * mask).sum()), tokens),
                 "masked_entropy": (float((old["masked_entropy"] * mask).sum()), tokens),
                 "perception_reliance_mean": (float(per_seq_kl.sum()), float(len(per_seq_kl))),
             } if self.masked_branch else {}
             metrics = dist_utils.global_means({  # over all ranks' sequences / tokens
-                **{k: (float(v.sum()), sequences) for k, v in batch.scores.items()},
+                **{k: (float(v[valid].sum()), sequences) for k, v in batch.scores.items()},
                 "response_length": (float(mask.sum()), sequences),
                 "entropy": (float((old["entropy"] * mask).sum()), tokens),
                 **masked,

@@ -87,6 +87,7 @@ def _papo(*args):
     (["train", "rollout.backend=vllm"], "rollout.backend='vllm' needs model.path"),
     (["train", "algo.perception_kl=full", "algo.masked_grad=false"], "algo.perception_kl='full'"),
     (["train", "trainer.micro_batch_size=0"], "trainer.micro_batch_size=0"),
+    (["train", "trainer.mini_batch_prompts=5"], "must divide trainer.prompts_per_step=16"),
     (["train", "--resume", "trainer.output_dir=/tmp/papo-no-such-run"], "--resume: no complete checkpoint"),
     (["train", "--resume=tests", "trainer.output_dir=/tmp/papo-no-such-run"], "--resume tests: not a complete checkpoint"),
 ])

@@ -39,26 +39,39 @@ def one_rank(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("one"), 1)
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_ranks_follow_one_rank(one_rank, tmp_path, zero_stage):
-    rows_1, weights_1 = one_rank
-    rows_2, weights_2 = _train(tmp_path, 2, f"deepspeed.zero_stage={zero_stage}")
+@pytest.fixture(scope="module")
+def one_rank_two_updates(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("one_mb"), 1, "trainer.mini_batch_prompts=2")
+
+
+def _assert_follows(reference, run):
+    (rows_1, weights_1), (rows_2, weights_2) = reference, run
     assert len(rows_1) == len(rows_2) == 3
     for a, b in zip(rows_1, rows_2):
         for key in COMPARED:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    assert rows_2[-1]["eval_accuracy"] == rows_1[-1]["eval_accuracy"]
-    assert all(r["grad_norm"] > 0 for r in rows_1)  # real updates, not zero-advantage no-ops
     differ = max(float((weights_1[k] - weights_2[k]).abs().max()) for k in weights_1)
     assert differ < 1e-5, differ
 
 
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_ranks_follow_one_rank(one_rank, tmp_path, zero_stage):
+    run = _train(tmp_path, 2, f"deepspeed.zero_stage={zero_stage}")
+    _assert_follows(one_rank, run)
+    rows_1, rows_2 = one_rank[0], run[0]
+    assert rows_2[-1]["eval_accuracy"] == rows_1[-1]["eval_accuracy"]
+    assert all(r["grad_norm"] > 0 for r in rows_1)  # real updates, not zero-advantage no-ops
+
+
+def test_two_optimizer_steps_per_rollout_on_two_ranks(one_rank, one_rank_two_updates, tmp_path):
+    """mini_batch_prompts=2 of 4: two optimizer steps per rollout; global mini-batch i is the same prompts on
+    one rank and on two (each rank holds its share of every mini-batch)."""
+    _assert_follows(one_rank_two_updates, _train(tmp_path, 2, "deepspeed.zero_stage=2", "trainer.mini_batch_prompts=2"))
+    weights_1, weights_2 = one_rank[1], one_rank_two_updates[1]
+    assert max(float((weights_1[k] - weights_2[k]).abs().max()) for k in weights_1) > 1e-4  # really 2 steps
+
+
 def test_zero3_with_parameter_and_optimizer_offload_follows_one_rank(one_rank, tmp_path):
     """ZeRO-3 with parameters and optimizer states offloaded (DeepSpeed's CPU AdamW), 2 ranks."""
-    rows_1, weights_1 = one_rank
-    rows_2, weights_2 = _train(tmp_path, 2, "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
-                               "deepspeed.offload_params=true")
-    for a, b in zip(rows_1, rows_2):
-        for key in COMPARED:
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    assert max(float((weights_1[k] - weights_2[k]).abs().max()) for k in weights_1) < 1e-5
+    _assert_follows(one_rank, _train(tmp_path, 2, "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
+                                     "deepspeed.offload_params=true"))

@@ -14,8 +14,8 @@ PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 LOCAL = ["model.path=null", "data.train_files=[]"]  # the checkpoints and ViRL39K are not on this machine
 TINY = [*LOCAL, "model.dtype=float32", "model.gradient_checkpointing=false", "data.min_pixels=3136",
         "data.max_pixels=3136", "rollout.max_new_tokens=8", "rollout.batch_size=64", "deepspeed.zero_stage=0",
-        "trainer.prompts_per_step=4", "trainer.micro_batch_size=8", "trainer.steps=2", "warmup.steps=2",
-        "trainer.eval_samples=4", "optim.lr=1e-3"]
+        "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=2", "trainer.micro_batch_size=8", "trainer.steps=2",
+        "warmup.steps=2", "trainer.eval_samples=4", "optim.lr=1e-3"]
 
 
 def test_all_presets_present_and_load():
@@ -101,7 +101,7 @@ def test_dynamic_sampling_drops_equal_groups_and_refills(tiny):
     trainer, Timer = _scripted_trainer(tiny, [[0, 0, 1, 0, 1, 1, 0, 1], [1, 0, 0, 0, 0, 1, 1, 0]])
     batch, info = trainer.collect(Timer())
     assert info == {"dynamic_sampling/dropped_groups": 3, "dynamic_sampling/rounds": 2,
-                    "dynamic_sampling/kept_groups": 4}
+                    "dynamic_sampling/kept_groups": 4, "dynamic_sampling/padding_groups": 0}
     assert batch.scores["reward"].tolist() == [1, 0, 0, 1, 1, 0, 0, 1]
     assert batch.sequences.response_ids[:, 0].tolist() == [100, 100, 100, 100, 101, 101, 101, 101]
     assert len(batch.prompts.images_per_prompt) == 4 and len(batch.sequences) == 8
@@ -112,3 +112,13 @@ def test_dynamic_sampling_is_bounded(tiny):
     batch, info = trainer.collect(Timer())
     assert info["dynamic_sampling/rounds"] == 3 and info["dynamic_sampling/dropped_groups"] == 12
     assert info["dynamic_sampling/kept_groups"] == 0
+
+
+def test_dynamic_sampling_pads_a_short_batch_with_masked_copies(tiny):
+    """After the last round only 2 of 4 groups are informative (one per round): the batch still has 4 groups
+    (equal micro-batch counts on every rank), the 2 copies with no response tokens, so they add nothing."""
+    trainer, Timer = _scripted_trainer(tiny, [[1, 1, 0, 1, 1, 1, 1, 1]] * 2, max_rounds=2)
+    batch, info = trainer.collect(Timer())
+    assert info["dynamic_sampling/kept_groups"] == 2 and info["dynamic_sampling/padding_groups"] == 2
+    assert len(batch.sequences) == 8
+    assert (batch.sequences.response_mask[:4].sum(1) > 0).all() and batch.sequences.response_mask[4:].sum() == 0
