@@ -286,16 +286,16 @@ class PAPOTrainer:
         batch.sequences.masked_pixel_values = masked
         return unit_mask
 
-    def micro_batches(self, total: int):
+    def micro_batches(self, start: int, stop: int) -> list[tuple[int, int]]:
         size = self.cfg.trainer.micro_batch_size
-        return [(s, min(s + size, total)) for s in range(0, total, size)]
+        return [(s, min(s + size, stop)) for s in range(start, stop, size)]
 
     @torch.no_grad()
     def old_stats(self, seqs: SequenceBatch) -> dict[str, torch.Tensor]:
         """Rollout-time log-probs of both branches in one no-grad forward per micro-batch (+ the reference's)."""
         model, temperature = self.engine.module, self.sampling.temperature
         parts = []
-        for a, b in self.micro_batches(len(seqs)):
+        for a, b in self.micro_batches(0, len(seqs)):
             mb = seqs.slice(a, b)
             part = response_token_stats(model, mb, both_branches=self.masked_branch, temperature=temperature)
             if self.reference is not None:
@@ -306,63 +306,15 @@ class PAPOTrainer:
 
     def update(self, seqs: SequenceBatch, advantages: torch.Tensor, old: dict, gamma: float) -> dict:
         """ppo_epochs passes; each pass takes `updates_per_step` optimizer steps over consecutive mini-batches
-        (the paper: 384 prompts per rollout, 128 per update), each accumulated over micro-batches."""
-        model = self.engine.module
-        # official: the masked branch's log-probs are the rollout-time constants (no masked forward here)
-        both = self.settings.masked_grad and self.masked_branch
-        rollout_time = {k: old[k] for k in ("masked_logprobs", "masked_entropy", "kl") if k in old}
+        (the paper: 384 prompts per rollout, 128 per update)."""
         per_update = len(seqs) // self.updates_per_step
-        size = self.cfg.trainer.micro_batch_size
         sums: dict[str, float] = {}
-        per_seq_kl = []
-        applied_all = True
-        grad_norm = 0.0
+        per_seq_kl: list[torch.Tensor] = []
+        applied_all, grad_norm = True, 0.0
         for epoch in range(self.cfg.trainer.ppo_epochs):
             for lo in range(0, len(seqs), per_update):
-                hi = lo + per_update
-                valid = seqs.response_mask[lo:hi]
-                global_tokens = dist_utils.all_reduce_sum(valid.sum())
-                global_seqs = dist_utils.all_reduce_sum((valid.sum(1) > 0).sum())  # DAPO padding excluded
-                chunks = [(a, min(a + size, hi)) for a in range(lo, hi, size)]
-                loss_finite = True
-                for i, (a, b) in enumerate(chunks):
-                    mb = seqs.slice(a, b)
-                    self.engine.start_micro_batch()
-                    stats = response_token_stats(model, mb, both_branches=both,
-                                                 temperature=self.sampling.temperature)
-                    mask = mb.response_mask
-                    masked = stats if both else {k: v[a:b] for k, v in rollout_time.items()}
-                    if self.settings.official:  # the authors: token-mean per micro-batch / accumulation count
-                        token_norm = mask.sum().clamp(min=1) * len(chunks)
-                    else:
-                        token_norm = global_tokens
-                    inputs = LossInputs(
-                        logprobs=stats["logprobs"], old_logprobs=old["logprobs"][a:b], response_mask=mask,
-                        advantages=advantages[a:b],
-                        entropy=stats["entropy"], masked_logprobs=masked.get("masked_logprobs"),
-                        masked_entropy=masked.get("masked_entropy"), full_kl=masked.get("kl"),
-                        ref_logprobs=old["ref_logprobs"][a:b] if "ref_logprobs" in old else None)
-                    loss, metrics = papo_loss(inputs, self.cfg.algo, gamma, token_normalizer=token_norm,
-                                              seq_normalizer=global_seqs)
-                    loss_finite = loss_finite and bool(torch.isfinite(loss))
-                    # DeepSpeed averages gradients over ranks. Our loss is already a global mean, so undo that;
-                    # the authors' (official) loss is a per-rank mean that they average the same way.
-                    rank_scale = 1 if self.settings.official else self.world
-                    self.engine.backward(loss * rank_scale, last_micro_batch=i == len(chunks) - 1)
-                    weight = float(mask.sum())
-                    for k, v in metrics.items():
-                        if k == "perception_kl_per_seq":
-                            if epoch == 0:
-                                per_seq_kl.append(v.detach().float())
-                            continue
-                        sums[k] = sums.get(k, 0.0) + float(v) * weight
-                    sums["loss"] = sums.get("loss", 0.0) + float(loss)
-                grad_norm, applied = self.engine.step()
-                # a non-finite loss makes non-finite gradients, which every rank's step() detects and discards;
-                # a non-finite loss with finite gradients is not expected, and is reported rather than trusted
-                loss_finite = dist_utils.all_reduce_sum(float(not loss_finite)) == 0
-                if applied and not loss_finite:
-                    warnings.warn("non-finite loss but finite gradients: the step was applied")
+                grad_norm, applied = self._optimizer_step(seqs, lo, lo + per_update, advantages, old, gamma, sums,
+                                                          per_seq_kl if epoch == 0 else None)
                 applied_all = applied_all and applied
         # token-weighted means over ALL ranks' tokens; the loss is a sum of per-rank parts of one global mean
         total = float(seqs.response_mask.sum()) * self.cfg.trainer.ppo_epochs
@@ -376,6 +328,56 @@ class PAPOTrainer:
         out["_applied"] = applied_all
         out["_per_seq_kl"] = torch.cat(per_seq_kl) if per_seq_kl else torch.zeros(0)
         return out
+
+    def _optimizer_step(self, seqs: SequenceBatch, lo: int, hi: int, advantages: torch.Tensor, old: dict,
+                        gamma: float, sums: dict, per_seq_kl: list | None) -> tuple[float, bool]:
+        """Sequences lo..hi-1: accumulate over micro-batches, then one optimizer step. Adds token-weighted metric
+        sums to `sums` (and per-sequence perception KL to `per_seq_kl` when given)."""
+        model = self.engine.module
+        # official: the masked branch's log-probs are the rollout-time constants (no masked forward here)
+        both = self.settings.masked_grad and self.masked_branch
+        rollout_time = {k: old[k] for k in ("masked_logprobs", "masked_entropy", "kl") if k in old}
+        valid = seqs.response_mask[lo:hi]
+        global_tokens = dist_utils.all_reduce_sum(valid.sum())
+        global_seqs = dist_utils.all_reduce_sum((valid.sum(1) > 0).sum())  # DAPO padding excluded
+        chunks = self.micro_batches(lo, hi)
+        loss_finite = True
+        for i, (a, b) in enumerate(chunks):
+            mb = seqs.slice(a, b)
+            self.engine.start_micro_batch()
+            stats = response_token_stats(model, mb, both_branches=both, temperature=self.sampling.temperature)
+            mask = mb.response_mask
+            masked = stats if both else {k: v[a:b] for k, v in rollout_time.items()}
+            if self.settings.official:  # the authors: token-mean per micro-batch / accumulation count
+                token_norm = mask.sum().clamp(min=1) * len(chunks)
+            else:
+                token_norm = global_tokens
+            inputs = LossInputs(
+                logprobs=stats["logprobs"], old_logprobs=old["logprobs"][a:b], response_mask=mask,
+                advantages=advantages[a:b], entropy=stats["entropy"], masked_logprobs=masked.get("masked_logprobs"),
+                masked_entropy=masked.get("masked_entropy"), full_kl=masked.get("kl"),
+                ref_logprobs=old["ref_logprobs"][a:b] if "ref_logprobs" in old else None)
+            loss, metrics = papo_loss(inputs, self.cfg.algo, gamma, token_normalizer=token_norm,
+                                      seq_normalizer=global_seqs)
+            loss_finite = loss_finite and bool(torch.isfinite(loss))
+            # DeepSpeed averages gradients over ranks. Our loss is already a global mean, so undo that; the
+            # authors' (official) loss is a per-rank mean that they average the same way.
+            rank_scale = 1 if self.settings.official else self.world
+            self.engine.backward(loss * rank_scale, last_micro_batch=i == len(chunks) - 1)
+            kl_per_seq = metrics.pop("perception_kl_per_seq", None)
+            if per_seq_kl is not None and kl_per_seq is not None:
+                per_seq_kl.append(kl_per_seq.detach().float())
+            weight = float(mask.sum())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * weight
+            sums["loss"] = sums.get("loss", 0.0) + float(loss)
+        grad_norm, applied = self.engine.step()
+        # a non-finite loss makes non-finite gradients, which every rank's step() detects and discards; a
+        # non-finite loss with finite gradients is not expected, and is reported rather than trusted
+        loss_nonfinite = dist_utils.all_reduce_sum(float(not loss_finite)) > 0  # a collective: every rank calls it
+        if applied and loss_nonfinite:
+            warnings.warn("non-finite loss but finite gradients: the step was applied")
+        return grad_norm, applied
 
     # ------------------------------------------------------------------------------------------------------
     # the loop
