@@ -75,3 +75,11 @@ def test_zero3_with_parameter_and_optimizer_offload_follows_one_rank(one_rank, t
     """ZeRO-3 with parameters and optimizer states offloaded (DeepSpeed's CPU AdamW), 2 ranks."""
     _assert_follows(one_rank, _train(tmp_path, 2, "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
                                      "deepspeed.offload_params=true"))
+
+
+def test_dapo_dynamic_sampling_on_two_zero3_ranks_runs_collectively(tmp_path):
+    """DAPO regeneration rounds and short-batch padding are collective: two ZeRO-3 ranks (whose generation
+    gathers parameters together) finish, whatever each rank's informative-group count."""
+    rows, _ = _train(tmp_path, 2, "deepspeed.zero_stage=3", "algo.dynamic_sampling=true",
+                     "algo.dynamic_sampling_max_rounds=2", "algo.ref_kl_coef=0")
+    assert len(rows) == 3 and all(1 <= r["dynamic_sampling/rounds"] <= 2 for r in rows)
