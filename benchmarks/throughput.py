@@ -4,10 +4,11 @@
     python benchmarks/throughput.py                      # tiny default model on this machine
     python benchmarks/throughput.py --steps 8 --repeats 3 model.path=/data/Qwen2.5-VL-3B-Instruct ...
 
-Same config, data and seed for every mode; only the algorithm switches differ. Modes are alternated
-(grpo, official, papo, grpo, ...) so drifts of a shared machine hit all of them alike. Each run trains
---steps steps in this process; its first step is dropped (allocations, kernel JIT) and the median of the rest is
-the run's step time; a mode's time is the median over its runs. Writes
+Same config, data and seed for every mode; only the algorithm switches differ. The three trainers live in one
+process and take their steps in turn (step k of each mode back to back, the order rotating every step), so a
+shared machine's drifts hit all modes alike. The first step of each run is dropped (allocations, kernel JIT).
+A mode's step time is the median over its steps; a ratio is the median over steps of (mode / GRPO) at the
+same step, measured seconds apart. --repeats builds fresh trainers again. Writes
 benchmarks/results/throughput_<device>.{json,md}; the JSON's "summary" holds the two ratios.
 """
 from __future__ import annotations
@@ -41,52 +42,57 @@ def device_name() -> str:
     return f"cpu_{os.cpu_count()}cores"
 
 
-def run_mode(mode: str, steps: int, overrides: list[str]) -> dict:
+def build_trainers(out_root: str, steps: int, overrides: list[str]) -> dict:
     from papo_engine.config import load_config
     from papo_engine.trainer import PAPOTrainer
-    with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(None, [*COMMON, *overrides, *MODES[mode], f"trainer.steps={steps}",
-                                 f"trainer.output_dir={out}"])
-        trainer = PAPOTrainer(cfg)
-        trainer.train()
-        rows = trainer.history[1:]  # the first step pays one-off costs
-    step = statistics.median(r["time/step"] for r in rows)
-    return {
-        "step_s": step,
-        "phases_s": {p: statistics.median(r.get(f"time/{p}", 0.0) for r in rows) for p in PHASES},
-        "response_tokens_per_step": statistics.median(r["response_length"] for r in rows)
-        * cfg.trainer.prompts_per_step * cfg.rollout.n,
-    }
+    trainers = {}
+    for mode, switches in MODES.items():
+        cfg = load_config(None, [*COMMON, *overrides, *switches, f"trainer.steps={steps}",
+                                 f"trainer.output_dir={out_root}/{mode}"])
+        trainers[mode] = PAPOTrainer(cfg)
+    return trainers
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6, help="steps per run (the first is dropped)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per mode, alternated")
+    parser.add_argument("--steps", type=int, default=10, help="steps per mode and repeat (the first is dropped)")
+    parser.add_argument("--repeats", type=int, default=2, help="fresh sets of trainers")
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every mode")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    names = list(MODES)
+    rows: dict[str, list[dict]] = {m: [] for m in names}  # per measured step
     for repeat in range(args.repeats):
-        for mode in MODES:
-            result = run_mode(mode, args.steps, args.overrides)
-            runs[mode].append(result)
-            print(f"[{repeat + 1}/{args.repeats}] {mode:14s} step {result['step_s']:.3f} s", flush=True)
+        with tempfile.TemporaryDirectory() as out:
+            trainers = build_trainers(out, args.steps, args.overrides)
+            for step in range(args.steps):
+                for mode in names[step % 3:] + names[:step % 3]:
+                    metrics = trainers[mode].train_step(step)
+                    if step > 0:
+                        rows[mode].append(metrics)
+                print(f"[{repeat + 1}/{args.repeats}] step {step}: " + ", ".join(
+                    f"{m} {trainers[m].history[-1]['time/step']:.3f} s" for m in names), flush=True)
+            for trainer in trainers.values():
+                trainer.tracker.close()
     modes = {}
-    for mode, results in runs.items():
-        step = statistics.median(r["step_s"] for r in results)
-        tokens = statistics.median(r["response_tokens_per_step"] for r in results)
+    for mode, steps in rows.items():
+        sequences = trainers[mode].cfg.trainer.prompts_per_step * trainers[mode].cfg.rollout.n
+        step_s = statistics.median(r["time/step"] for r in steps)
         modes[mode] = {
-            "step_s": step, "step_s_runs": [r["step_s"] for r in results],
-            "response_tokens_per_s": tokens / step,
-            "phases_s": {p: statistics.median(r["phases_s"][p] for r in results) for p in PHASES},
+            "step_s": step_s, "steps_measured": len(steps),
+            "response_tokens_per_s": statistics.median(r["response_length"] * sequences / r["time/step"]
+                                                       for r in steps),
+            "phases_s": {p: statistics.median(r.get(f"time/{p}", 0.0) for r in steps) for p in PHASES},
         }
-    grpo = modes["grpo"]["step_s"]
+
+    def paired(mode: str) -> float:
+        return statistics.median(a["time/step"] / b["time/step"] for a, b in zip(rows[mode], rows["grpo"]))
+
     report = {
         "device": device_name(), "platform": platform.platform(), "steps_per_run": args.steps,
         "repeats": args.repeats, "overrides": args.overrides, "modes": modes,
-        "summary": {"papo_official_over_grpo_step_time": modes["papo_official"]["step_s"] / grpo,
-                    "papo_over_grpo_step_time": modes["papo"]["step_s"] / grpo},
+        "summary": {"papo_official_over_grpo_step_time": paired("papo_official"),
+                    "papo_over_grpo_step_time": paired("papo")},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"throughput_{report['device']}"
@@ -96,13 +102,14 @@ def main() -> None:
 
 
 def table(report: dict) -> str:
-    head = ["mode", "step (s)", "/ GRPO", "resp tok/s", *[f"{p} (s)" for p in PHASES]]
-    lines = [f"# Throughput on {report['device']} ({report['steps_per_run']} steps x {report['repeats']} runs "
-             f"per mode, alternated; overrides: {' '.join(report['overrides']) or 'none'})", "",
+    head = ["mode", "step (s)", "/ GRPO (paired)", "resp tok/s", *[f"{p} (s)" for p in PHASES]]
+    lines = [f"# Throughput on {report['device']} ({report['steps_per_run']} steps x {report['repeats']} runs, "
+             f"modes taking turns step by step; overrides: {' '.join(report['overrides']) or 'none'})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    grpo = report["modes"]["grpo"]["step_s"]
+    ratio = {"grpo": 1.0, "papo_official": report["summary"]["papo_official_over_grpo_step_time"],
+             "papo": report["summary"]["papo_over_grpo_step_time"]}
     for mode, m in report["modes"].items():
-        cells = [mode, f"{m['step_s']:.3f}", f"{m['step_s'] / grpo:.3f}", f"{m['response_tokens_per_s']:.0f}",
+        cells = [mode, f"{m['step_s']:.3f}", f"{ratio[mode]:.3f}", f"{m['response_tokens_per_s']:.0f}",
                  *[f"{m['phases_s'][p]:.3f}" for p in PHASES]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

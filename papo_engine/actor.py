@@ -86,22 +86,24 @@ def _shared_prompt_hidden(model, batch: SequenceBatch, both_branches: bool) -> t
     first[1:] = group[1:] != group[:-1]
     firsts = torch.nonzero(first).flatten().tolist()
     seq_to_distinct = torch.cumsum(first.long(), 0) - 1                      # [S]
-    input_ids = torch.cat([prompts.input_ids, batch.response_ids], dim=1)
     attention_mask = torch.cat([prompts.attention_mask, batch.response_mask.to(prompts.attention_mask.dtype)], 1)
-    # M-RoPE positions of the full sequences, exactly as the model computes them in one forward
-    positions, _ = model.model.get_rope_index(
-        input_ids, mm_token_type_ids(input_ids, model.config.image_token_id),
-        image_grid_thw=prompts.image_grid_thw, attention_mask=attention_mask)
     distinct = SequenceBatch(select_prompts(prompts, firsts), batch.response_ids[firsts],
                              batch.response_mask[firsts],
                              None if batch.masked_pixel_values is None else
                              _select_pixel_rows(prompts, batch.masked_pixel_values, firsts))
+    # M-RoPE positions, as the model computes them over a whole sequence: the prompt's from its image grid (once
+    # per distinct prompt); response tokens are text right after it, at max(prompt positions) + 1 + j; padding 0
+    prompt_positions, _ = model.model.get_rope_index(
+        distinct.prompts.input_ids, mm_token_type_ids(distinct.prompts.input_ids, model.config.image_token_id),
+        image_grid_thw=distinct.prompts.image_grid_thw, attention_mask=distinct.prompts.attention_mask)
+    start = prompt_positions.amax(dim=(0, 2))[seq_to_distinct] + 1                               # [S]
+    response_positions = (start[:, None] + torch.arange(R)) * batch.response_mask.long()       # [S, R]
     pixel_values, grid, copies = _branches(distinct, both_branches)
     prompt_ids = distinct.prompts.input_ids.repeat(copies, 1)
     cache = DynamicCache()
     prompt_out = model.model(
         input_ids=prompt_ids, attention_mask=distinct.prompts.attention_mask.repeat(copies, 1),
-        position_ids=positions[:, firsts, :P].repeat(1, copies, 1), pixel_values=pixel_values.to(model.dtype),
+        position_ids=prompt_positions.repeat(1, copies, 1), pixel_values=pixel_values.to(model.dtype),
         image_grid_thw=grid, mm_token_type_ids=mm_token_type_ids(prompt_ids, model.config.image_token_id),
         cache=cache, use_cache=True)
     # branch c of sequence i reads distinct prompt c·U + seq_to_distinct[i]
@@ -109,7 +111,8 @@ def _shared_prompt_hidden(model, batch: SequenceBatch, both_branches: bool) -> t
     cache.batch_select_indices(expand)
     response_out = model.model(
         input_ids=batch.response_ids.repeat(copies, 1), attention_mask=attention_mask.repeat(copies, 1),
-        position_ids=positions[:, :, P:].repeat(1, copies, 1), cache=cache, use_cache=True)
+        position_ids=response_positions.repeat(copies, 1).unsqueeze(0).expand(3, -1, -1), cache=cache,
+        use_cache=True)
     last_prompt = prompt_out.last_hidden_state[expand, P - 1:P]              # predicts response token 0
     return torch.cat([last_prompt, response_out.last_hidden_state[:, :R - 1]], dim=1)
 

@@ -140,7 +140,7 @@ class PAPOTrainer:
         a = cfg.algo
         self.masked_branch = a.gamma > 0 or (a.gamma_schedule == "linear" and a.gamma_final > 0) or a.eta_mask > 0
         self.data_cursor = 0
-        self.start_step, self.history, self.nonfinite_skipped = 0, [], 0
+        self.start_step, self.history, self.nonfinite_skipped, self.consecutive_skips = 0, [], 0, 0
         if self.resume_from is not None:
             state = ckpt.load_checkpoint(self.resume_from, self.engine, self.rank)  # also this rank's RNG
             self.data_cursor, self.start_step = state.data_cursor, state.step
@@ -383,74 +383,80 @@ class PAPOTrainer:
     # the loop
 
     def train(self) -> dict:
-        cfg = self.cfg
-        steps = cfg.trainer.steps
+        steps = self.cfg.trainer.steps
         bar = tqdm(range(self.start_step, steps), desc="PAPO", disable=not dist_utils.is_main(), dynamic_ncols=True,
                    initial=self.start_step, total=steps)
-        consecutive_skips = 0
         for step in bar:
-            timer = Timer()
-            step_start = time.perf_counter()
-            batch, info = self.collect(timer)
-            seqs = batch.sequences
-            with timer.phase("advantages"):
-                advantages = group_advantages(batch.scores["reward"], self.sampling.n, cfg.algo.norm_adv_by_std)
-                if self.masked_branch:
-                    self.attach_masks(batch)
-            with timer.phase("old_logprobs"):
-                old = self.old_stats(seqs)
-            gamma = gamma_at(step, steps, cfg.algo)
-            lr = learning_rate(step, steps, cfg.optim)
-            self.engine.set_lr(lr)
-            with timer.phase("update"):
-                upd = self.update(seqs, advantages, old, gamma)
-            self.hybrid.mark_weights_updated()
-            per_seq_kl = upd.pop("_per_seq_kl")
-            applied = upd.pop("_applied")
-            consecutive_skips = 0 if applied else consecutive_skips + 1
-            self.nonfinite_skipped += 0 if applied else 1
-            mask = seqs.response_mask
-            valid = mask.sum(1) > 0  # DAPO padding groups have no response tokens
-            tokens, sequences = float(mask.sum()), float(valid.sum())
-            masked = {  # perception diagnostics exist only where the masked branch runs
-                "perception_kl": (float((old["kl"] * mask).sum()), tokens),
-                "masked_entropy": (float((old["masked_entropy"] * mask).sum()), tokens),
-                "perception_reliance_mean": (float(per_seq_kl.sum()), float(len(per_seq_kl))),
-            } if self.masked_branch else {}
-            metrics = dist_utils.global_means({  # over all ranks' sequences / tokens
-                **{k: (float(v[valid].sum()), sequences) for k, v in batch.scores.items()},
-                "response_length": (float(mask.sum()), sequences),
-                "entropy": (float((old["entropy"] * mask).sum()), tokens),
-                **masked,
-            })
-            metrics.update({
-                "clip_fraction": upd.get("update/pg_clipfrac", 0.0),
-                "gamma": gamma, "lr": lr, **upd, **info,
-                "nonfinite/skipped_step": float(not applied), "nonfinite/skipped_total": self.nonfinite_skipped,
-                **{f"time/{k}": v for k, v in timer.seconds.items()},
-                "time/step": time.perf_counter() - step_start,
-            })
-            metrics = self._reduce_metrics(metrics)
-            if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and step + 1 < steps:
-                metrics["eval/accuracy"] = self.evaluate()
-            self.tracker.log(step, metrics, histograms={"perception_reliance": per_seq_kl.tolist()},
-                             samples=[{"answer": batch.answers[0], "response": t, "reward": float(r)}
-                                      for t, r in zip(batch.texts[:2], batch.scores["reward"][:2])])
-            self.history.append(metrics)
-            if not applied:
-                tqdm.write(f"papo: step {step}: non-finite loss or gradient norm, update skipped "
-                           f"({consecutive_skips} in a row, {self.nonfinite_skipped} in total)")
-            if consecutive_skips >= cfg.trainer.max_nonfinite_steps:
-                path = self.save_checkpoint(step + 1)
-                raise TrainingStopped(f"{consecutive_skips} consecutive steps had a non-finite loss or gradient norm "
-                                      f"(trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}); stopped "
-                                      f"after saving {path}. Lower optim.lr or check the data of steps "
-                                      f"{step + 1 - consecutive_skips}..{step}")
-            if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0:
-                self.save_checkpoint(step + 1)
+            metrics = self.train_step(step)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics.get('accuracy', 0):.2f}",
                             kl=f"{metrics.get('perception_kl', 0.0):.3f}")
         return self.finish(self.history)
+
+    def train_step(self, step: int) -> dict:
+        """One PAPO step: rollout, reward, advantages, masks, old log-probs, update, metrics, checkpoint."""
+        cfg = self.cfg
+        steps = cfg.trainer.steps
+        timer = Timer()
+        step_start = time.perf_counter()
+        batch, info = self.collect(timer)
+        seqs = batch.sequences
+        with timer.phase("advantages"):
+            advantages = group_advantages(batch.scores["reward"], self.sampling.n, cfg.algo.norm_adv_by_std)
+            if self.masked_branch:
+                self.attach_masks(batch)
+        with timer.phase("old_logprobs"):
+            old = self.old_stats(seqs)
+        gamma = gamma_at(step, steps, cfg.algo)
+        lr = learning_rate(step, steps, cfg.optim)
+        self.engine.set_lr(lr)
+        with timer.phase("update"):
+            upd = self.update(seqs, advantages, old, gamma)
+        self.hybrid.mark_weights_updated()
+        per_seq_kl = upd.pop("_per_seq_kl")
+        applied = upd.pop("_applied")
+        self.consecutive_skips = 0 if applied else self.consecutive_skips + 1
+        self.nonfinite_skipped += 0 if applied else 1
+        mask = seqs.response_mask
+        valid = mask.sum(1) > 0  # DAPO padding groups have no response tokens
+        tokens, sequences = float(mask.sum()), float(valid.sum())
+        masked = {  # perception diagnostics exist only where the masked branch runs
+            "perception_kl": (float((old["kl"] * mask).sum()), tokens),
+            "masked_entropy": (float((old["masked_entropy"] * mask).sum()), tokens),
+            "perception_reliance_mean": (float(per_seq_kl.sum()), float(len(per_seq_kl))),
+        } if self.masked_branch else {}
+        metrics = dist_utils.global_means({  # over all ranks' sequences / tokens
+            **{k: (float(v[valid].sum()), sequences) for k, v in batch.scores.items()},
+            "response_length": (float(mask.sum()), sequences),
+            "entropy": (float((old["entropy"] * mask).sum()), tokens),
+            **masked,
+        })
+        metrics.update({
+            "clip_fraction": upd.get("update/pg_clipfrac", 0.0),
+            "gamma": gamma, "lr": lr, **upd, **info,
+            "nonfinite/skipped_step": float(not applied), "nonfinite/skipped_total": self.nonfinite_skipped,
+            **{f"time/{k}": v for k, v in timer.seconds.items()},
+            "time/step": time.perf_counter() - step_start,
+        })
+        metrics = self._reduce_metrics(metrics)
+        if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and step + 1 < steps:
+            metrics["eval/accuracy"] = self.evaluate()
+        self.tracker.log(step, metrics, histograms={"perception_reliance": per_seq_kl.tolist()},
+                         samples=[{"answer": batch.answers[0], "response": t, "reward": float(r)}
+                                  for t, r in zip(batch.texts[:2], batch.scores["reward"][:2])])
+        self.history.append(metrics)
+        skips = self.consecutive_skips
+        if not applied:
+            tqdm.write(f"papo: step {step}: non-finite loss or gradient norm, update skipped "
+                       f"({skips} in a row, {self.nonfinite_skipped} in total)")
+        if skips >= cfg.trainer.max_nonfinite_steps:
+            path = self.save_checkpoint(step + 1)
+            raise TrainingStopped(f"{skips} consecutive steps had a non-finite loss or gradient norm "
+                                  f"(trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}); stopped "
+                                  f"after saving {path}. Lower optim.lr or check the data of steps "
+                                  f"{step + 1 - skips}..{step}")
+        if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0:
+            self.save_checkpoint(step + 1)
+        return metrics
 
     def _reduce_metrics(self, metrics: dict) -> dict:
         """Average over ranks in one collective (per-rank timings and counts; global values stay as they are)."""
