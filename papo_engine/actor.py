@@ -11,6 +11,7 @@ gradient checkpointing (HF drops the cache inside checkpointed layers).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, replace
 
 import torch
@@ -61,7 +62,11 @@ def _branches(batch: SequenceBatch, both_branches: bool):
 def response_hidden(model, batch: SequenceBatch, both_branches: bool) -> torch.Tensor:
     """Final hidden states at the positions that predict each response token: [S, R, d], or [2S, R, d] with the
     masked-image half stacked after the original half."""
-    if batch.prompt_group is not None and not model.is_activation_checkpointing:
+    # transformers >= 5.20 names it is_activation_checkpointing, 5.19 (vLLM 0.32's range) is_gradient_checkpointing
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = model.is_gradient_checkpointing
+    if batch.prompt_group is not None and not checkpointing:
         return _shared_prompt_hidden(model, batch, both_branches)
     prompts = batch.prompts
     P = prompts.input_ids.shape[1]
@@ -105,16 +110,22 @@ def _shared_prompt_hidden(model, batch: SequenceBatch, both_branches: bool) -> t
         input_ids=prompt_ids, attention_mask=distinct.prompts.attention_mask.repeat(copies, 1),
         position_ids=prompt_positions.repeat(1, copies, 1), pixel_values=pixel_values.to(model.dtype),
         image_grid_thw=grid, mm_token_type_ids=mm_token_type_ids(prompt_ids, model.config.image_token_id),
-        cache=cache, use_cache=True)
+        **{_cache_kwarg(model.model): cache}, use_cache=True)
     # branch c of sequence i reads distinct prompt c·U + seq_to_distinct[i]
     expand = torch.cat([seq_to_distinct + c * len(firsts) for c in range(copies)])
     cache.batch_select_indices(expand)
     response_out = model.model(
         input_ids=batch.response_ids.repeat(copies, 1), attention_mask=attention_mask.repeat(copies, 1),
-        position_ids=response_positions.repeat(copies, 1).unsqueeze(0).expand(3, -1, -1), cache=cache,
-        use_cache=True)
+        position_ids=response_positions.repeat(copies, 1).unsqueeze(0).expand(3, -1, -1),
+        **{_cache_kwarg(model.model): cache}, use_cache=True)
     last_prompt = prompt_out.last_hidden_state[expand, P - 1:P]              # predicts response token 0
     return torch.cat([last_prompt, response_out.last_hidden_state[:, :R - 1]], dim=1)
+
+
+def _cache_kwarg(module) -> str:
+    """The KV-cache argument's name: `cache` in transformers >= 5.20, `past_key_values` in 5.19 (vLLM 0.32's
+    range). A wrong name is swallowed by **kwargs and the response forward silently runs without its prompt."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def _select_pixel_rows(prompts, pixel_values: torch.Tensor, index: list[int]) -> torch.Tensor:

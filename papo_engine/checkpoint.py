@@ -10,15 +10,21 @@
 
 All ranks write into `step-000006.tmp/` (on one node, or a shared filesystem across nodes), then rank 0
 renames it. A SIGKILL at any moment leaves either the old set of checkpoints or the new one, never a
-half-written folder under a final name.
+half-written folder under a final name. A full disk removes the half-written folder and stops with one line
+naming the path; the earlier checkpoints are untouched. Before a resume loads anything, `verify_checkpoint`
+reads the checkpoint's small files and the headers of its tensor files, so a damaged checkpoint is named (with
+the previous complete one to resume from instead) before any state or logged metric is touched.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,14 +32,19 @@ import numpy as np
 import torch
 import yaml
 
-from .config import ConfigError
+from .config import ConfigError, TrainingStopped
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 COMPLETE = "COMPLETE"
 DEEPSPEED_TAG = "state"
-# keys that may differ between the checkpoint's run and the resuming command (length, bookkeeping, logging)
+# keys that may differ between the checkpoint's run and the resuming command (length, bookkeeping, logging, where
+# the run folder is, how much held-out evaluation): none of them changes the training itself
 RESUMABLE_CHANGES = ("trainer.steps", "trainer.save_every", "trainer.keep_last", "trainer.eval_every",
-                     "trainer.max_nonfinite_steps", "logging.")
+                     "trainer.max_nonfinite_steps", "trainer.output_dir", "trainer.eval_samples",
+                     "trainer.save_final", "logging.")
+# a write that failed with less than this left on the filesystem failed because the disk is full: torch.save
+# reports that only as "unexpected pos ..." or "basic_ios::clear: iostream error", without an errno
+FULL_DISK_BYTES = 1 << 20
 
 
 @dataclass
@@ -43,6 +54,20 @@ class TrainerState:
     wandb_run_id: str | None = None
     history: list = field(default_factory=list)
     nonfinite_skipped: int = 0
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Make sure trainer.output_dir is, or can become, a folder this process can write into."""
+    shown = f"trainer.output_dir={str(output_dir)!r}"
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"{shown} is a file, not a folder; set trainer.output_dir to a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{shown}: cannot write there ({err.strerror or err}: {err.filename or output_dir})"
+                          ) from None
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -83,6 +108,40 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def previous_complete(checkpoint: Path) -> Path | None:
+    """The newest complete checkpoint older than `checkpoint` in the same folder."""
+    older = [p for p in complete_checkpoints(checkpoint.parent.parent) if p.name < checkpoint.name]
+    return older[-1] if older else None
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Raise one ConfigError naming the first damaged file of `checkpoint` and the previous complete checkpoint
+    to resume from instead. Reads trainer_state.json and config.yaml, and opens every tensor file (torch.save
+    writes zip archives: a truncated one has no readable central directory)."""
+    def damaged(file: Path, why: str) -> ConfigError:
+        previous = previous_complete(checkpoint)
+        hint = (f"resume from the previous complete checkpoint with --resume {previous}" if previous else
+                "there is no earlier complete checkpoint; start a new trainer.output_dir")
+        return ConfigError(f"checkpoint {checkpoint} is damaged: {file}: {why}; {hint}")
+
+    for name, parse in (("trainer_state.json", json.loads), ("config.yaml", yaml.safe_load)):
+        try:
+            parsed = parse((checkpoint / name).read_text())
+        except (OSError, ValueError, yaml.YAMLError) as err:
+            raise damaged(checkpoint / name, str(err).splitlines()[0]) from None
+        if not isinstance(parsed, dict):
+            raise damaged(checkpoint / name, "not a mapping")
+    tensor_files = sorted((checkpoint / "deepspeed").rglob("*.pt")) + sorted((checkpoint / "rng").glob("*.pt"))
+    if not tensor_files:
+        raise damaged(checkpoint / "deepspeed", "no tensor files")
+    for file in tensor_files:
+        try:
+            with zipfile.ZipFile(file) as archive:
+                archive.infolist()
+        except (OSError, zipfile.BadZipFile) as err:
+            raise damaged(file, f"unreadable ({err})") from None
+
+
 def check_same_run(checkpoint: Path, config: dict) -> None:
     """Refuse to resume into a different run: every setting except length/bookkeeping/logging must match."""
     saved = _flat(yaml.safe_load((checkpoint / "config.yaml").read_text()))
@@ -119,10 +178,38 @@ def _barrier() -> None:
 
 def save_checkpoint(output_dir: Path, training_engine, state: TrainerState, config: dict, rank: int,
                     tokenizer, image_processor, keep_last: int) -> Path:
-    """Write checkpoint `step-{state.step}` atomically (every rank calls this); returns its final path."""
+    """Write checkpoint `step-{state.step}` atomically (every rank calls this); returns its final path.
+    A full disk raises TrainingStopped naming the path, after removing the half-written folder."""
     root = checkpoints_dir(output_dir)
     final = root / f"step-{state.step:06d}"
     tmp = root / f"{final.name}.tmp"
+    try:
+        _write_checkpoint(root, final, tmp, training_engine, state, config, rank, tokenizer, image_processor,
+                          keep_last)
+    except Exception as err:
+        full = no_space_left(err, root)
+        if full is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        earlier = complete_checkpoints(output_dir)
+        kept = f"the earlier checkpoints are intact (newest: {earlier[-1]})" if earlier else "no earlier checkpoint"
+        raise TrainingStopped(f"{full}; {final.name} was not written, {kept}") from None
+    return final
+
+
+def no_space_left(err: BaseException, path: Path) -> str | None:
+    """"no space left on device: <path>" when `err` (from writing under `path`) came from a full disk, else None."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on device: {err.filename or path}"
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return None
+    return f"no space left on device: {path} ({free} bytes free)" if free < FULL_DISK_BYTES else None
+
+
+def _write_checkpoint(root: Path, final: Path, tmp: Path, training_engine, state: TrainerState, config: dict,
+                      rank: int, tokenizer, image_processor, keep_last: int) -> None:
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -142,10 +229,9 @@ def save_checkpoint(output_dir: Path, training_engine, state: TrainerState, conf
         if final.exists():  # the same step saved again (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in complete_checkpoints(output_dir)[:-keep_last]:
+        for old in complete_checkpoints(root.parent)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
-    return final
 
 
 def _fsync_dir_files(folder: Path) -> None:
@@ -166,9 +252,17 @@ def remove_partial(output_dir: Path) -> None:
 
 
 def load_checkpoint(path: Path, training_engine, rank: int) -> TrainerState:
-    """Model, optimizer and this rank's RNG states back in place; returns the trainer state to continue from."""
-    load_path, _ = training_engine.engine.load_checkpoint(
-        str(path / "deepspeed"), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+    """Model, optimizer and this rank's RNG states back in place; returns the trainer state to continue from.
+    Call `verify_checkpoint` first: damage it cannot see (a corrupt byte inside a tensor file) still stops here
+    with one line naming the checkpoint."""
+    try:
+        load_path, _ = training_engine.engine.load_checkpoint(
+            str(path / "deepspeed"), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+    except (RuntimeError, OSError, ValueError, KeyError, EOFError) as err:
+        previous = previous_complete(path)
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        hint = f"; resume from the previous complete checkpoint with --resume {previous}" if previous else ""
+        raise ConfigError(f"--resume {path}: loading the model and optimizer state failed ({why}){hint}") from None
     if load_path is None:
         raise ConfigError(f"--resume {path}: DeepSpeed found no model state under {path / 'deepspeed'}")
     rng_file = path / "rng" / f"rank-{rank:05d}.pt"
@@ -180,4 +274,8 @@ def load_checkpoint(path: Path, training_engine, rank: int) -> TrainerState:
 
 
 def read_trainer_state(path: Path) -> TrainerState:
-    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    file = path / "trainer_state.json"
+    try:
+        return TrainerState(**json.loads(file.read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"{file}: unreadable trainer state ({str(err).splitlines()[0]})") from None

@@ -1,11 +1,18 @@
-"""`papo train | eval | export` — parse, validate, hand a config to the trainer. Config errors are one line, exit 2."""
+"""`papo train | eval | export` — parse, validate, hand a config to the trainer.
+
+Exit codes: 0 done; 2 a configuration or input error (one line); 1 training stopped (non-finite steps, full
+disk; one line, a checkpoint saved where possible); 143 / 130 pre-empted by SIGTERM / SIGINT after saving a
+checkpoint (`--resume` continues).
+"""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
 from .config import ConfigError, TrainingStopped, config_help, load_config
+from .preemption import Preempted
 
 
 def _train_parser(sub) -> None:
@@ -79,8 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"papo: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as err:  # SIGTERM / SIGINT: a checkpoint was saved; 128 + the signal number
+        from . import distributed as dist_utils
+        if dist_utils.is_main():  # every rank stops at the same step; one line for the job
+            print(f"papo: stopped: {err}", file=sys.stderr, flush=True)
+        dist_utils.barrier()  # leave together: launchers kill the other ranks as soon as one has exited
+        return err.exit_code
     except TrainingStopped as err:
         print(f"papo: stopped: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"papo: error: no space left on device: {err.filename or err}", file=sys.stderr)
         return 1
     return 0
 

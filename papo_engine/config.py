@@ -39,10 +39,10 @@ class ModelConfig:
                                   help="auto = flash_attention_2 when flash-attn imports on CUDA, else sdpa")
     gradient_checkpointing: bool = _f(False)
     # tiny model shape (ignored when `path` is set)
-    hidden_size: int = _f(96, low=8)
+    hidden_size: int = _f(96, low=8, help="head size hidden/num_heads: vLLM-CPU attention needs 32, 64, 80, 96, 112, 128+")
     num_layers: int = _f(2, low=1)
-    num_heads: int = _f(4, low=1)
-    num_kv_heads: int = _f(2, low=1)
+    num_heads: int = _f(3, low=1)
+    num_kv_heads: int = _f(3, low=1)
     intermediate_size: int = _f(256, low=8)
     vision_depth: int = _f(2, low=1)
     vision_hidden_size: int = _f(48, low=8)
@@ -51,7 +51,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = _f("shape_color", choices=["shape_color", "shape_count"], help="generated vision task")
+    task: str = _f("shape_color", choices=["shape_color", "shape_count", "shape_color_hint"],
+                   help="generated vision task (shape_color_hint: the question carries a colour hint)")
+    hint_accuracy: float = _f(0.7, low=0.0, high=1.0, help="shape_color_hint: probability that the hint is right")
     image_size: int = _f(56, low=28, help="pixels per side; a multiple of 28")
     train_size: int = _f(4096, low=1)
     eval_size: int = _f(200, low=1)
@@ -66,7 +68,9 @@ class DataConfig:
     images_key: str = _f("images", help="column holding image(s): path(s) (relative to the file), bytes or PIL")
     id_key: str = _f("id", help="column used as the record id in logs (row number when absent)")
     strict: bool = _f(False, help="fail on the first bad record instead of skipping and counting it")
-    max_prompt_length: int = _f(0, low=0, help="prompt tokens incl. image tokens; longer samples are dropped, 0 = no limit")
+    max_prompt_length: int = _f(0, low=0, help="prompt tokens incl. image tokens; longer local-data samples are "
+                                                "dropped and counted; 0 = automatic: the model's maximum positions "
+                                                "(config max_position_embeddings) minus rollout.max_new_tokens")
 
 
 @dataclass
@@ -81,13 +85,17 @@ class RewardConfig:
 class RolloutConfig:
     backend: str = _f("hf", choices=["hf", "vllm"])
     n: int = _f(8, low=1, help="responses per prompt (>= 2 for group advantages)")
-    temperature: float = _f(1.0, low=0.0, low_open=True)
+    temperature: float = _f(1.0, low=0.0, high=2.0, low_open=True, help="vLLM rejects T > 2")
     top_p: float = _f(1.0, low=0.0, high=1.0, low_open=True)
     max_new_tokens: int = _f(24, low=1)
     batch_size: int = _f(64, low=1, help="sequences per generate call")
     # vllm backend only
     gpu_memory_utilization: float = _f(0.5, low=0.0, high=1.0, low_open=True, help="vllm: fraction for weights + KV cache")
-    enable_sleep_mode: bool = _f(True, help="vllm: release weights and KV cache while training")
+    enable_sleep_mode: bool = _f(True, help="vllm: release weights and KV cache while training (GPU only; off on CPU)")
+    enforce_eager: bool = _f(False, help="vllm: no torch.compile / CUDA graphs (tiny models: compiling costs ~90 s "
+                                         "on 2 CPU cores and gains little)")
+    kv_cache_mb: int = _f(0, low=0, help="vllm: KV cache size in MB; 0 = engine default (gpu_memory_utilization on "
+                                         "GPU, VLLM_CPU_KVCACHE_SPACE GiB or vLLM's default on CPU)")
     weight_sync_bucket_mb: int = _f(512, low=1, help="max MB of gathered parameters pushed per call")
     sync_check: bool = _f(True, help="compare greedy tokens of a fixed prompt between rollout engine and trainer")
 
@@ -97,6 +105,9 @@ class MaskConfig:
     ratio: float = _f(0.6, low=0.0, high=1.0, low_open=True, help="fraction of units blackened")
     unit: str = _f("merge", choices=["merge", "patch"], help="merge = 2x2 patches (28 px), patch = 14 px")
     fill: str = _f("black", choices=["black", "mean", "noise"])
+    space: str = _f("grid", choices=["grid", "raw"], help="grid = units of the processed patch grid; raw = "
+                                                        "square_px squares of the raw image (the authors)")
+    square_px: int = _f(14, low=1, help="raw space: side of the blacked-out squares in raw-image pixels")
 
 
 @dataclass
@@ -119,10 +130,20 @@ class AlgoConfig:
     entropy_form: str = _f("nll", choices=["nll", "full"])
     masked_grad: bool = _f(True, help="gradient through the masked branch (false = authors' computation)")
     official: bool = _f(False, help="reproduce the authors' computation exactly")
-    dynamic_sampling: bool = _f(False, help="DAPO: drop groups whose rewards are all equal, regenerate")
+    dynamic_sampling: bool = _f(False, help="DAPO: drop uninformative groups, regenerate")
+    dynamic_sampling_metric: str = _f("reward", choices=["reward", "accuracy"],
+                                      help="reward = keep groups whose rewards differ; accuracy = keep groups whose "
+                                           "mean accuracy is in (0.01, 0.99) (the authors)")
     dynamic_sampling_max_rounds: int = _f(20, low=1)
     overlong_buffer: int = _f(0, low=0, help="DAPO overlong penalty buffer in tokens, 0 = off")
     overlong_penalty: float = _f(1.0, low=0.0)
+    # rollout importance-sampling correction (vLLM's sampler differs from the trainer's; algorithms/rollout_correction)
+    rollout_is: str = _f("off", choices=["off", "truncate", "mask"],
+                         help="weight the pg loss by w = pi_old / pi_rollout: truncate = min(w, threshold), "
+                              "mask = 0 outside [threshold_low, threshold]")
+    rollout_is_level: str = _f("token", choices=["token", "sequence"], help="w per token or per sequence (product)")
+    rollout_is_threshold: float = _f(2.0, low=1.0, help="cap C of the IS weight")
+    rollout_is_threshold_low: float | None = _f(None, low=0.0, high=1.0, help="mask mode lower bound; null = 1/C")
 
 
 @dataclass
@@ -351,6 +372,9 @@ def validate(cfg: Config) -> None:
         for entry in getattr(cfg.data, key):
             if not Path(entry).exists():
                 raise ConfigError(f"data.{key}: {entry!r} not found")
+    if cfg.data.eval_files and not cfg.data.train_files:  # would train on the generated task, evaluate on files
+        raise ConfigError(f"data.eval_files is set but data.train_files is empty (training would use the generated "
+                          f"task {cfg.data.task!r}); set data.train_files, or data.eval_files=[]")
     if cfg.data.train_files and cfg.warmup.steps > 0:
         raise ConfigError(f"warmup.steps={cfg.warmup.steps}: the answer-format warm-start is for the generated task "
                           f"only; set warmup.steps=0 with data.train_files")
@@ -385,12 +409,73 @@ def validate(cfg: Config) -> None:
         import importlib.util
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("rollout.backend='vllm': vllm is not installed (pip install 'papo-engine[gpu]' on a CUDA machine)")
+    if cfg.algo.rollout_is != "off" and cfg.algo.dynamic_sampling:
+        raise ConfigError(f"algo.rollout_is={cfg.algo.rollout_is!r} with algo.dynamic_sampling=true: the merged DAPO "
+                          f"batch does not carry the rollout log-probs; use one or the other")
+    if cfg.algo.rollout_is != "off" and cfg.rollout.backend != "vllm":
+        raise ConfigError(f"algo.rollout_is={cfg.algo.rollout_is!r} needs rollout.backend=vllm (the HF backend samples "
+                          f"from the trainer's own module: nothing to correct)")
     if cfg.algo.perception_kl == "full" and not cfg.algo.masked_grad and not cfg.algo.official:
         raise ConfigError("algo.perception_kl='full' with algo.masked_grad=false: the exact KL needs the masked "
                           "branch's logits in the update; use k1/k2/k3 or masked_grad=true")
+    if cfg.mask.space == "raw" and cfg.mask.fill != "black":
+        raise ConfigError(f"mask.fill={cfg.mask.fill!r}: the raw-image space blacks out pixels; use mask.fill=black "
+                          f"or mask.space=grid")
+    if cfg.algo.official:
+        conflicts = official_conflicts(cfg)
+        if conflicts:
+            raise ConfigError("algo.official=true conflicts with " + ", ".join(conflicts)
+                              + " (the authors' computation); set those values or algo.official=false")
     b = cfg.algo.dual_clip
     if b is not None and b <= 1.0:
         raise ConfigError(f"algo.dual_clip={b}: must be > 1 or null")
+
+
+# What `algo.official=true` pins: every setting that defines the authors' computation (MikeWangWZHL/PAPO @
+# fb63bf4), as (key, the authors' value, applies-when). Hyperparameters that their scripts vary (γ, η, β, clip
+# ratios, lr, mask ratio and square size) are free; `official` REFUSES a conflicting value rather than
+# overriding it, so a config never claims "official" while computing something else.
+OFFICIAL_SETTINGS: list[tuple[str, Any, Any]] = [
+    ("algo.advantage", "grpo", None),
+    ("algo.norm_adv_by_std", True, None),
+    ("algo.perception_kl", "k3", None),                # verl "low_var_kl"
+    ("algo.perception_kl_clamp", None, None),          # use_kl_prcp_clipping: off in every script
+    ("algo.entropy_form", "nll", None),                # -masked_mean(log_prob) stands in for entropy
+    ("algo.loss_agg", "token-mean", None),             # loss_avg_mode: token
+    ("algo.masked_grad", False, None),                 # masked log-probs: rollout-time, no gradient
+    ("algo.dual_clip", 3.0, None),                     # clip_ratio_dual, always applied
+    ("algo.ref_kl_estimator", "k3", lambda c: c.algo.ref_kl_coef > 0),
+    ("algo.dynamic_sampling_metric", "accuracy", lambda c: c.algo.dynamic_sampling),  # filter_key=accuracy
+    ("algo.overlong_buffer", 0, None),
+    ("mask.space", "raw", None),                       # random_patch_blackening on the raw PIL image
+    ("mask.fill", "black", None),
+    ("optim.lr_schedule", "constant", None),           # get_constant_schedule_with_warmup
+    ("optim.warmup_steps", 0, None),                   # lr_warmup_ratio: 0.0
+    ("optim.betas", [0.9, 0.999], None),
+]
+
+
+def official_conflicts(cfg: Config) -> list[str]:
+    """`key=value (authors: value)` for every OFFICIAL_SETTINGS entry that `cfg` does not match."""
+    out = []
+    for key, want, applies in OFFICIAL_SETTINGS:
+        if applies is not None and not applies(cfg):
+            continue
+        section, name = key.split(".")
+        have = getattr(getattr(cfg, section), name)
+        if (list(have) if isinstance(have, (list, tuple)) else have) != want:
+            out.append(f"{key}={_as_override(have)} (authors: {_as_override(want)})")
+    return out
+
+
+def official_overrides() -> list[str]:
+    """`key=value` overrides that set every OFFICIAL_SETTINGS entry to the authors' value (with algo.official=true)."""
+    return ["algo.official=true"] + [f"{key}={_as_override(want)}" for key, want, _ in OFFICIAL_SETTINGS]
+
+
+def _as_override(value) -> str:
+    """A value as it is written on the command line: null, true, 0.2, raw, [0.9, 0.999]."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
 
 
 def config_help() -> str:

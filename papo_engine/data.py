@@ -19,7 +19,8 @@ _QUESTIONS = {
                     "Name the color of the shape."],
     "shape_count": ["How many shapes are in the image?", "Count the shapes in the image."],
 }
-ANSWERS = {"shape_color": list(COLORS), "shape_count": [str(c) for c in COUNTS]}
+ANSWERS = {"shape_color": list(COLORS), "shape_count": [str(c) for c in COUNTS],
+           "shape_color_hint": list(COLORS)}  # hint_task.py: shape_color with a hint in the question
 _SPLIT_OFFSET = {"train": 0, "eval": 1_000_003}
 
 

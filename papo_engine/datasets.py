@@ -1,7 +1,8 @@
 """Local-file datasets in the ViRL39K / EasyR1 schema (problem, answer, images) -> the same `Sample` objects as
 the generated task, so the trainer can use either.
 
-One public entry: `load_dataset_files(files, data_cfg, tokenizer, image_processor, split_name) -> LocalDataset`.
+One public entry: `load_dataset_files(files, data_cfg, tokenizer, image_processor, split_name, prompt_limit)
+-> LocalDataset`.
 
 Files (concatenated in the order given): `.jsonl` / `.json` (JSON lines; a `.json` holding one JSON array is
 accepted too), `.parquet`, or a folder written by `datasets.Dataset.save_to_disk`.  Columns are mapped with
@@ -12,62 +13,39 @@ An image may be a path (relative paths resolve against the data file's folder), 
 any of these.  `<image>` placeholders are removed from the question (`chat_prompt` puts the images first); when
 there are placeholders, their count must equal the number of images.
 
-Bad records are skipped and counted by reason (see `REASONS`), one WARNING line each plus a summary line; with
-`data.strict=True` the first bad record raises ConfigError naming file, record id and reason.  Prompts longer
-than `data.max_prompt_length` (chat template + expanded image tokens) are dropped and counted as
-`prompt_too_long`, never truncated: truncation would cut through image tokens and break the alignment between
-`<|image_pad|>` tokens and image features.  That drop is a length filter, not a data error, so it is not an error
-under `strict` either (it is still logged and counted).
+Bad records are skipped and counted by reason (see `data_sources.REASONS`), one WARNING line each plus a summary
+line; with `data.strict=True` the first bad record raises ConfigError naming file, record id and reason.  A record
+is named by its id and `file:N`, N counted from 1 (the line of a JSON-lines file, else the row).  A line that is
+not UTF-8 is one bad record (`bad_encoding`), not a bad file.  Prompts longer than `prompt_limit` tokens (chat
+template + expanded image tokens; `models.prompt_token_limit`: data.max_prompt_length, or when 0 the model's
+maximum positions minus rollout.max_new_tokens) are dropped and counted as `prompt_too_long`, never truncated:
+truncation would cut through image tokens and break the alignment between `<|image_pad|>` tokens and image
+features.  That drop is a length filter, not a data error, so it is not an error under `strict` either (it is
+still logged and counted).
 """
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .config import ConfigError
 from .data import Sample
+from .data_sources import BadRecord, one_line, open_source
 from .prompts import chat_prompt
 
 logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
-JSON_SUFFIXES = (".jsonl", ".json")
-PARQUET_SUFFIXES = (".parquet",)
-
-REASONS = {
-    "bad_json": "the line is not a JSON object",
-    "missing_problem": "problem field missing or empty",
-    "missing_answer": "answer field missing or empty",
-    "bad_problem_type": "problem is not a string",
-    "bad_answer_type": "answer is not a string or a number",
-    "no_image": "images field missing or empty",
-    "bad_images_type": "an image is not a path, bytes, {bytes, path} dict or PIL image",
-    "missing_image_file": "an image file does not exist",
-    "corrupt_image": "an image does not decode",
-    "bad_image_size": "an image's aspect ratio is beyond what the image processor accepts (200:1)",
-    "image_placeholder_mismatch": "the number of <image> placeholders differs from the number of images",
-    "prompt_too_long": "prompt tokens (incl. image tokens) exceed data.max_prompt_length",
-}
-
-
-class _BadRecord(Exception):
-    def __init__(self, reason: str, detail: str = ""):
-        assert reason in REASONS, reason
-        super().__init__(reason)
-        self.reason, self.detail = reason, detail
-
-
 # ----------------------------------------------------------------------------------------------------------
 # images
 
@@ -79,16 +57,16 @@ def _is_pil(value) -> bool:
 def _image_values(value) -> list:
     """The record's images column as a list of single-image values (no decoding)."""
     if value is None:
-        raise _BadRecord("no_image")
+        raise BadRecord("no_image")
     if isinstance(value, (list, tuple)):
         if not value:
-            raise _BadRecord("no_image")
+            raise BadRecord("no_image")
         items = list(value)
     else:
         items = [value]
     for item in items:
         if not (isinstance(item, (str, bytes, bytearray, memoryview, dict)) or _is_pil(item)):
-            raise _BadRecord("bad_images_type", f"image of type {type(item).__name__}")
+            raise BadRecord("bad_images_type", f"image of type {type(item).__name__}")
     return items
 
 
@@ -99,35 +77,35 @@ def _open_image(value, base_dir: Path) -> tuple[Image.Image, bool]:
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
         if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
-            raise _BadRecord("bad_images_type", f"'bytes' of type {type(data).__name__}")
+            raise BadRecord("bad_images_type", f"'bytes' of type {type(data).__name__}")
         if path is not None and not isinstance(path, str):
-            raise _BadRecord("bad_images_type", f"'path' of type {type(path).__name__}")
+            raise BadRecord("bad_images_type", f"'path' of type {type(path).__name__}")
         if data:
             value = data
         elif path:
             value = path
         else:
-            raise _BadRecord("no_image", "image dict with neither bytes nor path")
+            raise BadRecord("no_image", "image dict with neither bytes nor path")
     if isinstance(value, (bytes, bytearray, memoryview)):
         if not value:
-            raise _BadRecord("corrupt_image", "empty bytes")
+            raise BadRecord("corrupt_image", "empty bytes")
         try:
             return Image.open(io.BytesIO(bytes(value))), True
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise _BadRecord("corrupt_image", f"bytes: {_one_line(err)}") from None
+            raise BadRecord("corrupt_image", f"bytes: {one_line(err)}") from None
     if isinstance(value, str):
         if not value.strip():
-            raise _BadRecord("no_image", "empty image path")
+            raise BadRecord("no_image", "empty image path")
         path = Path(value).expanduser()
         if not path.is_absolute():
             path = base_dir / path
         if not path.is_file():
-            raise _BadRecord("missing_image_file", str(path))
+            raise BadRecord("missing_image_file", str(path))
         try:
             return Image.open(path), True
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise _BadRecord("corrupt_image", f"{path}: {_one_line(err)}") from None
-    raise _BadRecord("bad_images_type", f"image of type {type(value).__name__}")
+            raise BadRecord("corrupt_image", f"{path}: {one_line(err)}") from None
+    raise BadRecord("bad_images_type", f"image of type {type(value).__name__}")
 
 
 def _probe_image(value, base_dir: Path) -> tuple[int, int]:
@@ -140,25 +118,46 @@ def _probe_image(value, base_dir: Path) -> tuple[int, int]:
     try:
         width, height = image.size
         if width < 1 or height < 1:
-            raise _BadRecord("corrupt_image", f"size {width}x{height}")
+            raise BadRecord("corrupt_image", f"size {width}x{height}")
         if owned:
             if image.format == "JPEG":
                 image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
             image.load()
         return width, height
-    except _BadRecord:
+    except BadRecord:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise _BadRecord("corrupt_image", _one_line(err)) from None
+        raise BadRecord("corrupt_image", one_line(err)) from None
     finally:
         if owned:
             image.close()
 
 
+# 16-bit greyscale as Pillow opens it ("I;16", big-endian "I;16B"; older Pillow versions give 32-bit "I")
+HIGH_BIT_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _high_bit_grey_to_8bit(image: Image.Image) -> Image.Image:
+    """8-bit "L" (or "LA" when a tRNS grey value marks transparent pixels), 0..65535 scaled to 0..255.
+
+    Pillow's own convert clips these modes to 0..255 instead of scaling, so nearly every pixel of a 16-bit PNG
+    would come out white.  Mode "I" is read in the same 16-bit range; values beyond it are clipped.
+    """
+    raw = np.asarray(image)
+    grey = Image.fromarray(np.clip(np.rint(raw / 257.0), 0, 255).astype(np.uint8))
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, int):
+        grey.putalpha(Image.fromarray(np.where(raw == transparent, 0, 255).astype(np.uint8)))
+    return grey
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB; transparency is composited onto white, as the HF image processors do."""
+    """RGB; 16-bit greyscale is scaled to 8 bits; transparency is composited onto white, as the HF image
+    processors do."""
     if image.mode == "RGB":
         return image
+    if image.mode in HIGH_BIT_GREY_MODES:
+        image = _high_bit_grey_to_8bit(image)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -198,7 +197,7 @@ class _Geometry:
             w, h = self.target_size(width, height)
             patches = self.processor.get_number_of_image_patches(h, w)
         except ValueError as err:  # aspect ratio > 200
-            raise _BadRecord("bad_image_size", f"{width}x{height}: {_one_line(err)}") from None
+            raise BadRecord("bad_image_size", f"{width}x{height}: {one_line(err)}") from None
         return int(patches) // self.merge
 
     def decode(self, value, base_dir: Path) -> Image.Image:
@@ -236,7 +235,7 @@ def prompt_length(question: str, image_sizes: list[tuple[int, int]], tokenizer, 
     """
     try:
         return _prompt_length(question, image_sizes, tokenizer, _Geometry(image_processor))
-    except _BadRecord as bad:
+    except BadRecord as bad:
         raise ValueError(f"{bad.reason}: {bad.detail}") from None
 
 
@@ -247,10 +246,6 @@ def _prompt_length(question: str, image_sizes, tokenizer, geometry: _Geometry) -
 
 # ----------------------------------------------------------------------------------------------------------
 # record fields
-
-
-def _one_line(err) -> str:
-    return " ".join(str(err).split())[:200] or type(err).__name__
 
 
 def _clean_question(text: str) -> tuple[str, int]:
@@ -276,141 +271,22 @@ def _is_missing(value) -> bool:
 def _question(record: dict, key: str) -> tuple[str, int]:
     value = record.get(key)
     if _is_missing(value):
-        raise _BadRecord("missing_problem", f"'{key}'")
+        raise BadRecord("missing_problem", f"'{key}'")
     if not isinstance(value, str):
-        raise _BadRecord("bad_problem_type", f"'{key}' is {type(value).__name__}")
+        raise BadRecord("bad_problem_type", f"'{key}' is {type(value).__name__}")
     question, placeholders = _clean_question(value)
     if not question:
-        raise _BadRecord("missing_problem", f"'{key}' holds only {IMAGE_PLACEHOLDER} placeholders")
+        raise BadRecord("missing_problem", f"'{key}' holds only {IMAGE_PLACEHOLDER} placeholders")
     return question, placeholders
 
 
 def _answer(record: dict, key: str) -> str:
     value = record.get(key)
     if _is_missing(value):
-        raise _BadRecord("missing_answer", f"'{key}'")
+        raise BadRecord("missing_answer", f"'{key}'")
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise _BadRecord("bad_answer_type", f"'{key}' is {type(value).__name__}")
+        raise BadRecord("bad_answer_type", f"'{key}' is {type(value).__name__}")
     return value.strip() if isinstance(value, str) else str(value)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# sources: one per file, each yields (row, record dict or _BadRecord) and gives a row's images column again
-
-
-class _JsonSource:
-    """JSON lines (or one JSON array).  Only the mapped fields are kept; image values here are paths, so small."""
-
-    def __init__(self, path: Path, label: str, images_key: str):
-        self.path, self.label, self.base_dir, self.images_key = path, label, path.parent, images_key
-        self._images: dict[int, Any] = {}
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"data file {label!r}: not UTF-8 text ({_one_line(err)})") from None
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{label}: not valid JSON ({_one_line(err)})") from None
-            self._rows, self._parsed = list(enumerate(rows)) if isinstance(rows, list) else [(0, rows)], True
-        else:
-            self._rows = [(i, line) for i, line in enumerate(text.splitlines()) if line.strip()]
-            self._parsed = False
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def rows(self) -> Iterator[tuple[int, dict | _BadRecord]]:
-        for row, raw in self._rows:
-            if not self._parsed:
-                try:
-                    raw = json.loads(raw)
-                except json.JSONDecodeError as err:
-                    yield row, _BadRecord("bad_json", _one_line(err))
-                    continue
-            if not isinstance(raw, dict):
-                yield row, _BadRecord("bad_json", f"a JSON {type(raw).__name__}, not an object")
-                continue
-            yield row, raw
-        self._rows = []  # parsed once; only the kept rows' image values remain (`keep`)
-
-    def keep(self, row: int, record: dict) -> None:
-        self._images[row] = record.get(self.images_key)
-
-    def images(self, row: int):
-        return self._images[row]
-
-
-class _ArrowSource:
-    """A Parquet file or a `save_to_disk` folder as an Arrow table (memory-mapped for `save_to_disk`).
-
-    Images stay in the table as encoded bytes and are fetched per row when a sample is requested.
-    """
-
-    def __init__(self, table, path: Path, label: str, data_cfg):
-        self.table, self.label = table, label
-        self.base_dir = path if path.is_dir() else path.parent
-        names = set(table.column_names)
-        for what, key in (("problem_key", data_cfg.problem_key), ("answer_key", data_cfg.answer_key),
-                          ("images_key", data_cfg.images_key)):
-            if key not in names:
-                raise ConfigError(f"data.{what}={key!r}: no such column in {label} "
-                                  f"(columns: {', '.join(table.column_names)})")
-        wanted = [k for k in (data_cfg.problem_key, data_cfg.answer_key, data_cfg.images_key, data_cfg.id_key)
-                  if k in names]
-        self.table = table.select(list(dict.fromkeys(wanted)))
-        self._images_column = self.table.column(data_cfg.images_key)
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def rows(self) -> Iterator[tuple[int, dict | _BadRecord]]:
-        row = 0
-        for batch in self.table.to_batches(max_chunksize=64):
-            for record in batch.to_pylist():
-                yield row, record
-                row += 1
-
-    def keep(self, row: int, record: dict) -> None:
-        pass
-
-    def images(self, row: int):
-        return self._images_column[row].as_py()
-
-
-def _open_source(file, data_cfg, split_name: str):
-    label = str(file)
-    path = Path(file).expanduser()
-    if not path.exists():
-        raise ConfigError(f"data file {label!r} does not exist")
-    if path.is_dir():
-        import datasets
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError, OSError) as err:
-            raise ConfigError(f"data folder {label!r}: not a datasets.save_to_disk folder ({_one_line(err)})") from None
-        if isinstance(loaded, datasets.DatasetDict):
-            if split_name in loaded:
-                loaded = loaded[split_name]
-            elif len(loaded) == 1:
-                loaded = next(iter(loaded.values()))
-            else:
-                raise ConfigError(f"data folder {label!r}: a DatasetDict with splits {', '.join(loaded)} and none "
-                                  f"named {split_name!r}; give the split's folder instead")
-        return _ArrowSource(loaded.with_format("arrow")[:], path, label, data_cfg)
-    suffix = path.suffix.lower()
-    if suffix in JSON_SUFFIXES:
-        return _JsonSource(path, label, data_cfg.images_key)
-    if suffix in PARQUET_SUFFIXES:
-        import pyarrow.parquet as pq
-        try:
-            table = pq.read_table(path, memory_map=True)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"data file {label!r}: not a readable Parquet file ({_one_line(err)})") from None
-        return _ArrowSource(table, path, label, data_cfg)
-    raise ConfigError(f"data file {label!r}: unknown type {suffix or '(no extension)'!r} (expected .jsonl, .json, "
-                      f".parquet, or a datasets.save_to_disk folder)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -456,28 +332,35 @@ class LocalDataset:
         return Sample(images=images, question=entry.question, answer=entry.answer, uid=entry.uid)
 
 
-def load_dataset_files(files: list[str], data_cfg, tokenizer, image_processor, split_name: str) -> LocalDataset:
-    """Load, validate and concatenate `files` (in order) into a `LocalDataset`; see the module docstring."""
+def load_dataset_files(files: list[str], data_cfg, tokenizer, image_processor, split_name: str,
+                       prompt_limit: int) -> LocalDataset:
+    """Load, validate and concatenate `files` (in order) into a `LocalDataset`; see the module docstring.
+
+    `prompt_limit`: the most prompt tokens (image tokens included) a kept sample may have —
+    `models.prompt_token_limit(cfg)`, which resolves data.max_prompt_length=0 from the model's positions.
+    """
     from . import distributed
 
     if isinstance(files, (str, os.PathLike)):
         files = [files]
     if not files:
         raise ConfigError(f"{split_name}: no data files given")
+    if prompt_limit < 1:
+        raise ValueError(f"prompt_limit={prompt_limit}: must be >= 1")
     geometry = _Geometry(image_processor)
-    limit = int(data_cfg.max_prompt_length)
     sources, entries, lengths = [], [], array("l")
     skipped: dict[str, int] = {}
     show = distributed.is_main()
 
     for index, file in enumerate(files):
-        source = _open_source(file, data_cfg, split_name)
+        source = open_source(file, data_cfg, split_name)
         sources.append(source)
         for row, record in tqdm(source.rows(), total=len(source), desc=f"loading {Path(str(file)).name}",
                                 disable=not show, leave=False, dynamic_ncols=True):
-            uid = f"{source.label}:{row}"
+            where = f"{source.label}:{row}"
+            uid = where
             try:
-                if isinstance(record, _BadRecord):
+                if isinstance(record, BadRecord):
                     raise record
                 rid = record.get(data_cfg.id_key)
                 if rid is not None and not _is_missing(rid):
@@ -486,18 +369,19 @@ def load_dataset_files(files: list[str], data_cfg, tokenizer, image_processor, s
                 answer = _answer(record, data_cfg.answer_key)
                 values = _image_values(record.get(data_cfg.images_key))
                 if placeholders and placeholders != len(values):
-                    raise _BadRecord("image_placeholder_mismatch",
+                    raise BadRecord("image_placeholder_mismatch",
                                      f"{placeholders} {IMAGE_PLACEHOLDER} placeholders, {len(values)} images")
                 sizes = [_probe_image(v, source.base_dir) for v in values]
                 length = _prompt_length(question, sizes, tokenizer, geometry)
-                if limit and length > limit:
-                    raise _BadRecord("prompt_too_long", f"{length} tokens > data.max_prompt_length={limit}")
-            except _BadRecord as bad:
+                if length > prompt_limit:
+                    raise BadRecord("prompt_too_long", f"{length} tokens > limit {prompt_limit}")
+            except BadRecord as bad:
                 detail = f" ({bad.detail})" if bad.detail else ""
+                name = f"record {uid}" if uid == where else f"record {uid} ({where})"
                 if data_cfg.strict and bad.reason != "prompt_too_long":
-                    raise ConfigError(f"data.strict=true: {source.label}: record {uid}: {bad.reason}{detail}") from None
+                    raise ConfigError(f"data.strict=true: {name}: {bad.reason}{detail}") from None
                 skipped[bad.reason] = skipped.get(bad.reason, 0) + 1
-                logger.warning("%s: skipped record %s in %s: %s%s", split_name, uid, source.label, bad.reason, detail)
+                logger.warning("%s: skipped %s: %s%s", split_name, name, bad.reason, detail)
                 continue
             source.keep(row, record)
             entries.append(_Entry(index, row, uid, question, answer))
@@ -506,8 +390,8 @@ def load_dataset_files(files: list[str], data_cfg, tokenizer, image_processor, s
     total_skipped = sum(skipped.values())
     by_reason = ", ".join(f"{reason}={count}" for reason, count in sorted(skipped.items())) or "none"
     logger.log(logging.WARNING if total_skipped else logging.INFO,
-               "%s: loaded %d samples from %d file(s), skipped %d (%s)", split_name, len(entries), len(files),
-               total_skipped, by_reason)
+               "%s: loaded %d samples from %d file(s), skipped %d (%s); prompt limit %d tokens", split_name,
+               len(entries), len(files), total_skipped, by_reason, prompt_limit)
     if not entries:
         raise ConfigError(f"{split_name}: no usable records in {', '.join(map(str, files))} "
                           f"(skipped {total_skipped}: {by_reason})")

@@ -88,6 +88,12 @@ def global_means(sums_and_counts: dict[str, tuple[float, float]]) -> dict[str, f
     return {n: totals[2 * i] / max(totals[2 * i + 1], 1e-12) for i, n in enumerate(names)}
 
 
+def barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def is_main() -> bool:
     import torch.distributed as dist
     return not dist.is_initialized() or dist.get_rank() == 0

@@ -63,6 +63,11 @@ class TrainingEngine:
         if cfg.deepspeed.offload_optimizer:  # optimizer states live on the CPU: DeepSpeed's vectorized CPU AdamW
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **adam)
+        elif cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.offload_states_during_rollout:
+            # ZeRO-3's offload_states() asserts DeepSpeed's FusedAdam (deepspeed 0.19.8 stage3.py); it is AdamW
+            # with adam_w_mode, JIT-built on first use (CUDA kernels on GPU, a C++ implementation on CPU)
+            from deepspeed.ops.adam import FusedAdam
+            optimizer = FusedAdam(params, adam_w_mode=True, **adam)
         else:
             optimizer = torch.optim.AdamW(params, **adam)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -114,10 +119,10 @@ class TrainingEngine:
         return norm, not getattr(self.engine.optimizer, "overflow", False)
 
     def _zero3_grads_nonfinite(self) -> bool:
-        from deepspeed.runtime.utils import has_inf_or_nan
-        optimizer = self.engine.optimizer
-        local = any(g is not None and has_inf_or_nan(g) for group in optimizer.averaged_gradients.values()
-                    for g in group)
+        # this rank's reduced gradient partitions, accumulated over the micro-batches: one flat buffer, filled
+        # with or without offload_optimizer (`averaged_gradients` stays empty when the optimizer is offloaded)
+        partitions = self.engine.optimizer.grad_partitions_flat_buffer
+        local = not bool(torch.isfinite(partitions).all())
         return dist_utils.all_reduce_sum(float(local)) > 0
 
     def full_state_dict(self) -> dict | None:

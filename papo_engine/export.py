@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .checkpoint import COMPLETE, DEEPSPEED_TAG
+from .checkpoint import COMPLETE, DEEPSPEED_TAG, verify_checkpoint
 from .config import ConfigError
 from .models import DTYPES
 
@@ -37,7 +37,17 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     if not (checkpoint / COMPLETE).is_file():
         raise ConfigError(f"papo export: {checkpoint} is not a complete training checkpoint (no {COMPLETE} file; "
                           f"expected <output_dir>/checkpoints/step-NNNNNN)")
-    state = consolidated_state_dict(checkpoint)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"papo export: {out_dir} is a file; give a folder to write the model into")
+    try:
+        verify_checkpoint(checkpoint)
+    except ConfigError as err:
+        raise ConfigError(f"papo export: {err}") from None
+    try:
+        state = consolidated_state_dict(checkpoint)
+    except (RuntimeError, OSError, ValueError, KeyError, EOFError) as err:
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"papo export: {checkpoint}: its model state cannot be read ({why})") from None
     config = Qwen2_5_VLConfig.from_pretrained(checkpoint / "hf")
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(config)

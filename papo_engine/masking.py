@@ -18,12 +18,19 @@ the masked fraction over many units concentrates at p.
 
 One mask per prompt, shared by its n rollouts: mask the prompt batch ONCE (before the rollout repeat), then
 repeat rows with `repeat_for_rollouts` — `mask_per_prompt` does both. Use a fresh generator state every step.
+
+Raw space (`mask.space=raw`, the authors' `random_patch_blackening`): square_px × square_px squares of the RAW
+image, anchored at its top-left corner (the last row/column of squares may be partial), each set to black with
+probability `ratio`; the masked images then go through the same image processor as the originals. Their
+squares do not line up with the model's 14-px patches once the processor resizes the image.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 # Qwen2/2.5-VL image processor defaults (OpenAI CLIP statistics)
@@ -165,3 +172,78 @@ def mask_per_prompt(pixel_values: Tensor, image_grid_thw: Tensor, n: int, ratio:
                                               image_std, generator, merge_size)
     masked_rep, thw_rep = repeat_for_rollouts(masked, image_grid_thw, n, images_per_prompt)
     return masked_rep, thw_rep, unit_mask
+
+
+def blacken_raw_squares(image: Image.Image, ratio: float, square_px: int = 14,
+                        generator: torch.Generator | None = None) -> tuple[Image.Image, Tensor]:
+    """The authors' masking on a raw PIL image; returns (masked image, square_mask BoolTensor [rows, cols]).
+
+        square (i, j) covers pixels [i·s, min((i+1)·s, H)) × [j·s, min((j+1)·s, W)),  rows = ⌈H/s⌉, cols = ⌈W/s⌉
+        square_mask[i, j] ~ Bernoulli(ratio), drawn in row-major order; masked pixels become opaque black
+
+    RGB images stay RGB; other modes are converted to RGBA first (the first step of the processor's own
+    conversion to RGB, which composites on white), so the unmasked pixels reach the model exactly as the
+    original's do. The input image is never modified.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio={ratio}: must be in [0, 1]")
+    if square_px < 1:
+        raise ValueError(f"square_px={square_px}: must be >= 1")
+    work = image if image.mode == "RGB" else image.convert("RGBA")
+    pixels = np.array(work)  # a copy: [H, W, C]
+    height, width = pixels.shape[:2]
+    rows, cols = -(-height // square_px), -(-width // square_px)
+    square_mask = torch.rand(rows * cols, generator=generator) < ratio
+    grid = square_mask.view(rows, cols).numpy()
+    pixel_mask = np.repeat(np.repeat(grid, square_px, axis=0), square_px, axis=1)[:height, :width]
+    pixels[pixel_mask] = 0
+    if pixels.shape[2] == 4:
+        pixels[pixel_mask, 3] = 255  # opaque: a transparent square would be composited to white
+    return Image.fromarray(pixels, mode=work.mode), square_mask.view(rows, cols)
+
+
+def mask_raw_per_prompt(images: Sequence[Sequence[Image.Image]], image_grid_thw: Tensor, n: int, ratio: float,
+                        square_px: int, image_processor, generators: Sequence[torch.Generator]
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """Raw-space counterpart of `mask_per_prompt`: prompt g's images are masked with generators[g] (one mask
+    per prompt, shared by its n rollouts), processed by `image_processor` like the originals, then repeated.
+
+    `image_grid_thw` is the ORIGINAL images' grid: the masked images must produce the same one (same size, same
+    resize), else a ValueError — original and masked sequences must share their token layout.
+    Returns (masked pixel_values repeated [n·num_patches, D], image_grid_thw repeated, the concatenated square
+    masks of all images [num_squares]).
+    """
+    if len(generators) != len(images):
+        raise ValueError(f"{len(generators)} generators for {len(images)} prompts")
+    masked, squares = [], []
+    for gen, prompt_images in zip(generators, images):
+        for image in prompt_images:
+            out, square_mask = blacken_raw_squares(image, ratio, square_px, gen)
+            masked.append(out)
+            squares.append(square_mask.flatten())
+    vision = image_processor(images=masked, return_tensors="pt")
+    if not torch.equal(vision["image_grid_thw"], image_grid_thw.to(vision["image_grid_thw"].dtype)):
+        raise ValueError(f"raw-masked images give image_grid_thw {vision['image_grid_thw'].tolist()}, the originals "
+                         f"{image_grid_thw.tolist()}: they must be processed alike")
+    pixel_values, thw = repeat_for_rollouts(vision["pixel_values"], image_grid_thw, n,
+                                            [len(x) for x in images])
+    return pixel_values, thw, torch.cat(squares)
+
+
+def mask_prompts(mask_cfg, prompts, keys: Sequence[int], n: int, seed: int, image_processor
+                 ) -> tuple[Tensor, Tensor]:
+    """The masked pixel_values of a prompt batch, repeated for its n rollouts, as configured by `mask_cfg`
+    (`MaskConfig`): one mask per prompt, drawn from a generator seeded by (seed, the prompt's key) — the same on
+    any rank and in any batch. `prompts` is a `models.PromptBatch` (its raw `images` are needed for
+    space=raw). Returns (masked pixel_values [n·num_patches, D], the drawn units or squares, flattened)."""
+    generators = [torch.Generator().manual_seed(seed * 1_000_003 + key) for key in keys]
+    if mask_cfg.space == "raw":
+        if prompts.images is None:
+            raise ValueError("mask.space=raw needs the prompts' raw images (PromptBatch.images is None)")
+        masked, _, drawn = mask_raw_per_prompt(prompts.images, prompts.image_grid_thw, n, mask_cfg.ratio,
+                                               mask_cfg.square_px, image_processor, generators)
+        return masked.to(prompts.pixel_values.dtype), drawn
+    masked, _, drawn = mask_per_prompt(prompts.pixel_values, prompts.image_grid_thw, n, mask_cfg.ratio, mask_cfg.unit,
+                                       mask_cfg.fill, image_processor.image_mean, image_processor.image_std,
+                                       generators, image_processor.merge_size, prompts.images_per_prompt)
+    return masked, drawn

@@ -6,6 +6,7 @@ tokenizer and the PIL image processor, and `encode_prompts` turns (question, ima
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +15,15 @@ from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLFo
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from .config import Config, ConfigError, ModelConfig
-from .prompts import IMAGE_PAD, chat_prompt, expand_image_pads
+from .prompts import IMAGE_PAD, REQUIRED_TOKENS, chat_prompt, expand_image_pads
+
+logger = logging.getLogger(__name__)
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TINY_MAX_POSITIONS = 2048
+# the image-processor settings a checkpoint's files may set (sizes come from data.min_pixels / max_pixels)
+IMAGE_PROCESSOR_KEYS = ("image_mean", "image_std", "patch_size", "merge_size", "temporal_patch_size")
 
 
 def tiny_config(mcfg: ModelConfig, tokenizer) -> Qwen2_5_VLConfig:
@@ -29,7 +35,7 @@ def tiny_config(mcfg: ModelConfig, tokenizer) -> Qwen2_5_VLConfig:
     vocab = (len(tokenizer) + 63) // 64 * 64
     text = dict(vocab_size=vocab, hidden_size=mcfg.hidden_size, intermediate_size=mcfg.intermediate_size,
                 num_hidden_layers=mcfg.num_layers, num_attention_heads=mcfg.num_heads,
-                num_key_value_heads=mcfg.num_kv_heads, max_position_embeddings=2048,
+                num_key_value_heads=mcfg.num_kv_heads, max_position_embeddings=TINY_MAX_POSITIONS,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
                 bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
                 pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
@@ -52,20 +58,95 @@ def load_tokenizer(mcfg: ModelConfig):
     except (OSError, ValueError) as err:
         reason = " ".join(str(err).split())[:300]  # one line, whatever the library printed
         raise ConfigError(f"model.path={str(path)!r}: tokenizer does not load ({reason})") from None
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in REQUIRED_TOKENS if token not in vocab]
+    if missing:  # the chat layout and the image features need them; without them prompts tokenize into pieces
+        raise ConfigError(f"model.path={str(path)!r}: the tokenizer lacks {', '.join(missing)} (a Qwen2.5-VL "
+                          f"tokenizer has them)")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = "<|endoftext|>"
     tokenizer.padding_side = "left"  # generation appends on the right
     return tokenizer
 
 
+def saved_image_processor_settings(model_dir: str | Path) -> tuple[dict, str | None]:
+    """A checkpoint's image-processor settings and the file they came from (None: neither file).
+
+    Two layouts, looked up as transformers does: `processor_config.json` with the settings nested under
+    "image_processor" (what `ProcessorMixin.save_pretrained` writes since transformers 5) wins; else the flat
+    `preprocessor_config.json`.  Returned keys: IMAGE_PROCESSOR_KEYS and min_pixels / max_pixels, where found
+    (sizes as `size: {shortest_edge, longest_edge}` or the older top-level `min_pixels` / `max_pixels`).
+    """
+    model_dir = Path(model_dir)
+    saved, origin = None, None
+    for name, nested in (("processor_config.json", True), ("preprocessor_config.json", False)):
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: not valid JSON ({' '.join(str(err).split())[:200]})") from None
+        if not isinstance(content, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(content).__name__}")
+        if nested:
+            content = content.get("image_processor")
+            if content is None:  # a processor file without image-processor settings: the flat file holds them
+                continue
+            if not isinstance(content, dict):
+                raise ConfigError(f"{path}: 'image_processor' must be a JSON object")
+        saved, origin = content, str(path)
+        break
+    if saved is None:
+        return {}, None
+    settings = {k: saved[k] for k in IMAGE_PROCESSOR_KEYS if k in saved}
+    size = saved.get("size") if isinstance(saved.get("size"), dict) else {}
+    for key, size_key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        value = saved.get(key, size.get(size_key))
+        if value is not None:
+            settings[key] = int(value)
+    return settings, origin
+
+
 def load_image_processor(cfg: Config) -> Qwen2VLImageProcessorPil:
-    """The PIL image processor (no torchvision); a local checkpoint's preprocessor_config.json is honoured."""
-    kwargs = {}
-    if cfg.model.path and (Path(cfg.model.path) / "preprocessor_config.json").is_file():
-        saved = json.loads((Path(cfg.model.path) / "preprocessor_config.json").read_text())
-        kwargs = {k: saved[k] for k in ("image_mean", "image_std", "patch_size", "merge_size",
-                                        "temporal_patch_size") if k in saved}
+    """The PIL image processor (no torchvision), with a local checkpoint's saved settings (see
+    `saved_image_processor_settings`); image sizes are always data.min_pixels / max_pixels, which the rollout
+    backends and the prompt-length filter use too."""
+    settings, origin = saved_image_processor_settings(cfg.model.path) if cfg.model.path else ({}, None)
+    saved_range = (settings.get("min_pixels"), settings.get("max_pixels"))
+    if origin and saved_range != (None, None) and saved_range != (cfg.data.min_pixels, cfg.data.max_pixels):
+        logger.info("%s sizes images to [%s, %s] pixels; this run uses data.min_pixels=%d, data.max_pixels=%d",
+                    origin, *saved_range, cfg.data.min_pixels, cfg.data.max_pixels)
+    kwargs = {k: settings[k] for k in IMAGE_PROCESSOR_KEYS if k in settings}
     return Qwen2VLImageProcessorPil(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels, **kwargs)
+
+
+def max_positions(mcfg: ModelConfig) -> int:
+    """The model's maximum sequence length (its text config's max_position_embeddings), read without weights."""
+    if not mcfg.path:
+        return TINY_MAX_POSITIONS
+    try:
+        config = Qwen2_5_VLConfig.from_pretrained(mcfg.path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.path={mcfg.path!r}: config.json does not load "
+                          f"({' '.join(str(err).split())[:300]})") from None
+    return int(config.get_text_config().max_position_embeddings)
+
+
+def prompt_token_limit(cfg: Config) -> int:
+    """The most prompt tokens (image tokens included) a local-data sample may have: data.max_prompt_length, or
+    when that is 0 the model's maximum positions minus rollout.max_new_tokens (prompt and response must fit)."""
+    positions = max_positions(cfg.model)
+    room = positions - cfg.rollout.max_new_tokens
+    if cfg.data.max_prompt_length:
+        if cfg.data.max_prompt_length > room:
+            logger.warning("data.max_prompt_length=%d + rollout.max_new_tokens=%d exceed the model's %d positions",
+                           cfg.data.max_prompt_length, cfg.rollout.max_new_tokens, positions)
+        return cfg.data.max_prompt_length
+    if room < 1:
+        raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}: leaves no room for a prompt in the "
+                          f"model's {positions} positions")
+    return room
 
 
 def attention_implementation(requested: str) -> str:

@@ -13,6 +13,8 @@ QWEN_SPECIAL_TOKENS = [
 IMAGE_PAD = "<|image_pad|>"
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+# what `chat_prompt` writes: a tokenizer without one of these cannot encode the prompts (checked at load)
+REQUIRED_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", IMAGE_PAD]
 SYSTEM_PROMPT = "You are a helpful assistant."
 FORMAT_INSTRUCTION = ("First think about the question inside <think> </think> tags, "
                       "then give the final answer inside \\boxed{}.")
@@ -24,6 +26,14 @@ def chat_prompt(question: str, num_images: int = 1, system: str = SYSTEM_PROMPT)
     return (f"<|im_start|>system\n{system}<|im_end|>\n"
             f"<|im_start|>user\n{images}{question} {FORMAT_INSTRUCTION}<|im_end|>\n"
             f"<|im_start|>assistant\n")
+
+
+def vision_token_ids(tokenizer) -> list[int]:
+    """Ids of the VISION_TOKENS the tokenizer has, to suppress in generation (a sampled `<|image_pad|>` would
+    claim image features that do not exist).  Tokens it lacks cannot be generated, so they are left out —
+    some checkpoints' tokenizers have no `<|vision_pad|>`."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[token] for token in VISION_TOKENS if token in vocab]
 
 
 def expand_image_pads(text: str, tokens_per_image: list[int]) -> str:

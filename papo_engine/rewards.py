@@ -7,10 +7,14 @@ extracted final answer with the reference through `answers.answers_match` (choic
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from typing import Callable
 
+import torch
+
 from .answers import answers_match
+from .config import Config, ConfigError
 
 _THINK_THEN_BOXED = re.compile(r"^\s*<think>.*?</think>\s*.*\\boxed\{.+\}\s*$", re.DOTALL)
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -59,9 +63,30 @@ def load_reward_fn(dotted: str) -> Callable[..., dict[str, float]]:
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as err:
-        from .config import ConfigError
         raise ConfigError(f"reward.function={dotted!r}: cannot import it ({err})") from None
     if not callable(fn):
-        from .config import ConfigError
         raise ConfigError(f"reward.function={dotted!r}: not callable")
     return fn
+
+
+class RewardRole:
+    """Calls the configured reward function; weights are passed only if the function declares them."""
+
+    def __init__(self, cfg: Config):
+        self.name = cfg.reward.function
+        self.fn = load_reward_fn(cfg.reward.function)
+        params = inspect.signature(self.fn).parameters
+        self.kwargs = {k: v for k, v in (("accuracy_weight", cfg.reward.accuracy_weight),
+                                         ("format_weight", cfg.reward.format_weight)) if k in params}
+
+    def __call__(self, texts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
+        rows = [self.fn(t, a, **self.kwargs) for t, a in zip(texts, answers)]
+        keys = rows[0].keys() if rows else ["reward"]
+        scores = {k: torch.tensor([float(r[k]) for r in rows]) for k in keys}
+        for k, values in scores.items():  # a NaN reward would poison every advantage of its group silently
+            bad = torch.nonzero(~torch.isfinite(values)).flatten().tolist()
+            if bad:
+                raise ConfigError(f"reward.function={self.name!r} returned {k}={values[bad[0]].item()} for "
+                                  f"{len(bad)} of {len(values)} responses (first: answer {answers[bad[0]]!r}, "
+                                  f"response {texts[bad[0]][:80]!r}); rewards must be finite numbers")
+        return scores

@@ -42,10 +42,25 @@ class Tracker:
         return self.wandb_run.id if self.wandb_run is not None else None
 
     def _truncate(self, first_step_to_redo: int) -> None:
+        """Keep the lines of steps before `first_step_to_redo`. A line that is not a whole JSON record (the
+        half-written last line of a run that died mid-write, e.g. on a full disk) is dropped with one warning."""
         if not self.metrics_path.is_file():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] < first_step_to_redo]
+        keep, broken = [], []
+        for number, line in enumerate(self.metrics_path.read_text(errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                broken.append(number)
+                continue
+            if step < first_step_to_redo:
+                keep.append(line)
+        if broken:
+            warnings.warn(f"{self.metrics_path}: dropped {len(broken)} incomplete line(s) (line "
+                          f"{', '.join(map(str, broken[:5]))}{' ...' if len(broken) > 5 else ''}), "
+                          f"e.g. the last line of a run that stopped while writing it")
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.metrics_path)

@@ -5,35 +5,37 @@ and is timed under its own name in the metrics.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import random
+import signal
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .actor import SequenceBatch, response_token_stats
-from .algorithms import LossInputs, gamma_at, group_advantages, informative_groups, loss_settings, \
-    overlong_penalty, papo_loss
-from .batching import concat_prompts, repeat_prompts, select_prompts
+from .algorithms import LossInputs, gamma_at, group_advantages, loss_settings, overlong_penalty, papo_loss
+from .batching import repeat_prompts
 from .config import Config, ConfigError, TrainingStopped
 from .data import GeneratedDataset, chance_accuracy
 from .datasets import load_dataset_files
+from .algorithms.rollout_correction import rollout_is_weights, rollout_mismatch_sums
+from .dynamic_sampling import Rollouts, collect_informative_groups
+from .evaluation import held_out_accuracy
 from .head import FusedLMHead
-from .masking import mask_per_prompt
-from .models import PromptBatch, encode_prompts, load_image_processor, load_policy, load_tokenizer
-from .rewards import load_reward_fn
+from .hint_task import TASK as HINT_TASK, HintDataset
+from .masking import mask_prompts
+from .models import encode_prompts, load_image_processor, load_policy, load_tokenizer, prompt_token_limit
+from .rewards import RewardRole
 from .hybrid import HybridEngine
+from .preemption import Preempted, StopSignals
 from .rollout import build_rollout
 from .rollout.base import SamplingParams
 from .tracking import Tracker, plot_metrics
@@ -68,32 +70,6 @@ class Timer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-class RewardRole:
-    """Calls the configured reward function; weights are passed only if the function declares them."""
-
-    def __init__(self, cfg: Config):
-        self.fn = load_reward_fn(cfg.reward.function)
-        params = inspect.signature(self.fn).parameters
-        self.kwargs = {k: v for k, v in (("accuracy_weight", cfg.reward.accuracy_weight),
-                                         ("format_weight", cfg.reward.format_weight)) if k in params}
-
-    def __call__(self, texts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
-        rows = [self.fn(t, a, **self.kwargs) for t, a in zip(texts, answers)]
-        keys = rows[0].keys() if rows else ["reward"]
-        return {k: torch.tensor([float(r[k]) for r in rows]) for k in keys}
-
-
-@dataclass
-class Rollouts:
-    """One step's experience, prompt-major (row g*n + k = k-th response to prompt g)."""
-    prompts: PromptBatch     # the B prompts (un-repeated)
-    prompt_keys: list[int]   # each prompt's global draw index: seeds its sampling and its mask on any rank
-    answers: list[str]
-    sequences: SequenceBatch
-    scores: dict[str, torch.Tensor]
-    texts: list[str]
-
-
 class PAPOTrainer:
     def __init__(self, cfg: Config, resume: str | None = None):
         """`resume`: "latest" or a checkpoint folder to continue from; None starts a new run."""
@@ -107,6 +83,8 @@ class PAPOTrainer:
         self.updates_per_step = cfg.trainer.prompts_per_step // mini_batch
         seed_everything(cfg.trainer.seed)
         self.out_dir = Path(cfg.trainer.output_dir)
+        ckpt.check_output_dir(self.out_dir)
+        self.restart = False  # --resume found no complete checkpoint: the run starts again from step 0
         self.resume_from = self._resume_point(resume)
         saved = ckpt.read_trainer_state(self.resume_from) if self.resume_from else ckpt.TrainerState(0, 0)
         self.tokenizer = load_tokenizer(cfg.model)
@@ -116,9 +94,6 @@ class PAPOTrainer:
         self.train_set = self._dataset("train", cfg.data.train_files)
         self.eval_set = self._dataset("eval", cfg.data.eval_files)
         self.reward = RewardRole(cfg)
-        self.tracker = Tracker(self.out_dir, cfg.to_dict(), cfg.logging.wandb, cfg.logging.project,
-                               cfg.logging.run_name, enabled=dist_utils.is_main(), resume_run_id=saved.wandb_run_id,
-                               resume_step=saved.step if self.resume_from else None)
         self.warmup_log: list[dict] = []
         # a resumed policy already holds the warm-start; it is re-run only to rebuild the reference (β > 0),
         # which is the post-warm-start policy and deterministic given the seed
@@ -141,34 +116,55 @@ class PAPOTrainer:
         self.masked_branch = a.gamma > 0 or (a.gamma_schedule == "linear" and a.gamma_final > 0) or a.eta_mask > 0
         self.data_cursor = 0
         self.start_step, self.history, self.nonfinite_skipped, self.consecutive_skips = 0, [], 0, 0
+        self.last_saved_step = None
         if self.resume_from is not None:
             state = ckpt.load_checkpoint(self.resume_from, self.engine, self.rank)  # also this rank's RNG
             self.data_cursor, self.start_step = state.data_cursor, state.step
             self.history, self.nonfinite_skipped = state.history, state.nonfinite_skipped
             if dist_utils.is_main():
                 print(f"papo: resumed from {self.resume_from} at step {self.start_step}", flush=True)
+        # only now, with the checkpoint loaded, may metrics.jsonl lose the steps logged after it
+        self.tracker = Tracker(self.out_dir, cfg.to_dict(), cfg.logging.wandb, cfg.logging.project,
+                               cfg.logging.run_name, enabled=dist_utils.is_main(), resume_run_id=saved.wandb_run_id,
+                               resume_step=self.start_step if self.resume_from or self.restart else None)
 
     def _dataset(self, split: str, files: list):
         """Local files when given, else the generated task's split."""
         if files:
-            return load_dataset_files(files, self.cfg.data, self.tokenizer, self.image_processor, split)
+            return load_dataset_files(files, self.cfg.data, self.tokenizer, self.image_processor, split,
+                                      prompt_token_limit(self.cfg))
         size = self.cfg.data.train_size if split == "train" else self.cfg.data.eval_size
+        if self.cfg.data.task == HINT_TASK:
+            return HintDataset(split, size, self.cfg.data.seed, self.cfg.data.image_size, self.cfg.data.hint_accuracy)
         return GeneratedDataset(self.cfg.data.task, split, size, self.cfg.data.seed, self.cfg.data.image_size)
 
     def _resume_point(self, resume: str | None) -> Path | None:
-        """The checkpoint to continue from; a new run refuses an output_dir that already holds a run."""
+        """The checkpoint to continue from; a new run refuses an output_dir that already holds a run.
+        `--resume` on a run that stopped before its first checkpoint starts it again from step 0."""
+        complete = ckpt.complete_checkpoints(self.out_dir)
         if resume is None:
-            if (self.out_dir / "metrics.jsonl").is_file() or ckpt.complete_checkpoints(self.out_dir):
-                raise ConfigError(f"trainer.output_dir={str(self.out_dir)!r} already holds a run: pass --resume to "
-                                  f"continue it, or set another trainer.output_dir")
+            if (self.out_dir / "metrics.jsonl").is_file() or complete:
+                how = ("pass --resume to continue it" if complete else
+                       "it has no complete checkpoint: pass --resume to start it again from step 0")
+                raise ConfigError(f"trainer.output_dir={str(self.out_dir)!r} already holds a run: {how}, or set "
+                                  f"another trainer.output_dir")
+            return None
+        if resume == "latest" and not complete:
+            if dist_utils.is_main():
+                ckpt.remove_partial(self.out_dir)
+                print(f"papo: --resume: no complete checkpoint in {self.out_dir}: starting the run from step 0",
+                      flush=True)
+            self.restart = True
             return None
         path = ckpt.resolve_resume(self.out_dir, resume)
+        ckpt.verify_checkpoint(path)
         ckpt.check_same_run(path, self.cfg.to_dict())
         if dist_utils.is_main():
             ckpt.remove_partial(self.out_dir)
         return path
 
     def save_checkpoint(self, step: int) -> Path:
+        self.last_saved_step = step
         state = ckpt.TrainerState(step=step, data_cursor=self.data_cursor, history=self.history,
                                   wandb_run_id=self.tracker.run_id, nonfinite_skipped=self.nonfinite_skipped)
         return ckpt.save_checkpoint(self.out_dir, self.engine, state, self.cfg.to_dict(), self.rank,
@@ -214,77 +210,28 @@ class PAPOTrainer:
         groups = torch.arange(len(samples)).repeat_interleave(self.sampling.n)  # the n responses share a prompt
         sequences = SequenceBatch(repeat_prompts(prompts, self.sampling.n), out.response_ids, out.response_mask,
                                   prompt_group=groups)
-        return Rollouts(prompts, keys, [s.answer for s in samples], sequences, scores, out.texts)
+        return Rollouts(prompts, keys, [s.answer for s in samples], sequences, scores, out.texts,
+                        rollout_logprobs=out.logprobs)
 
     def collect(self, timer: Timer) -> tuple[Rollouts, dict]:
-        """Generate for this step's prompts; with DAPO dynamic sampling, keep only groups whose rewards differ
-        and regenerate (bounded rounds) until the batch is full again."""
-        per_rank = self.cfg.trainer.prompts_per_step // self.world
-        n = self.sampling.n
-        batch = self.generate(*self.next_prompts(self.cfg.trainer.prompts_per_step), timer)
-        info = {}
+        """Generate for this step's prompts; with DAPO dynamic sampling, keep only informative groups and
+        regenerate (bounded rounds) until the batch is full again (`dynamic_sampling.py`)."""
+        def draw_batch() -> Rollouts:
+            return self.generate(*self.next_prompts(self.cfg.trainer.prompts_per_step), timer)
+
         if not self.cfg.algo.dynamic_sampling:
-            return batch, info
-        kept, dropped, rounds = [], 0, 1
-        pieces = [batch]
-        while True:
-            keep = informative_groups(pieces[-1].scores["reward"], n)
-            dropped += int((~keep).sum())
-            kept.extend((len(pieces) - 1, g) for g in torch.nonzero(keep).flatten().tolist())
-            # collective: every rank generates in every round (ZeRO-3 generation gathers parameters together)
-            short = dist_utils.all_reduce_sum(float(len(kept) < per_rank))
-            if short == 0 or rounds >= self.cfg.algo.dynamic_sampling_max_rounds:
-                break
-            pieces.append(self.generate(*self.next_prompts(self.cfg.trainer.prompts_per_step), timer))
-            rounds += 1
-        info = {"dynamic_sampling/dropped_groups": dropped, "dynamic_sampling/rounds": rounds,
-                "dynamic_sampling/kept_groups": min(len(kept), per_rank)}
-        if not kept:  # nothing informative at all: train on the last batch (zero advantages, no-op pg)
-            return pieces[-1], info
-        kept = kept[:per_rank]
-        # every rank trains on per_rank groups (equal micro-batch counts keep DeepSpeed's collectives in step):
-        # missing groups are copies of kept ones with their responses masked out, so they add nothing
-        padding = per_rank - len(kept)
-        batch = self._merge_groups(pieces, kept + [kept[i % len(kept)] for i in range(padding)])
-        if padding:
-            batch.sequences.response_mask[-padding * n:] = 0
-        info["dynamic_sampling/padding_groups"] = padding
-        return batch, info
-
-    def _merge_groups(self, pieces: list[Rollouts], kept: list[tuple[int, int]]) -> Rollouts:
-        """One batch from group `g` of piece `i` for each (i, g) in `kept`, in that order."""
-        n, pad = self.sampling.n, self.tokenizer.pad_token_id
-        groups = []
-        for piece_id, g in kept:
-            p, rows = pieces[piece_id], list(range(g * n, (g + 1) * n))
-            groups.append(Rollouts(select_prompts(p.prompts, [g]), [p.prompt_keys[g]], [p.answers[g]],
-                                   SequenceBatch(select_prompts(p.sequences.prompts, rows),
-                                                 p.sequences.response_ids[rows], p.sequences.response_mask[rows]),
-                                   {k: v[rows] for k, v in p.scores.items()}, [p.texts[r] for r in rows]))
-        width = max(x.sequences.response_ids.shape[1] for x in groups)
-
-        def right_pad(t: torch.Tensor, value) -> torch.Tensor:
-            return F.pad(t, (0, width - t.shape[1]), value=value)
-
-        sequences = SequenceBatch(concat_prompts([x.sequences.prompts for x in groups], pad),
-                                  torch.cat([right_pad(x.sequences.response_ids, pad) for x in groups]),
-                                  torch.cat([right_pad(x.sequences.response_mask, 0.0) for x in groups]),
-                                  prompt_group=torch.arange(len(groups)).repeat_interleave(n))
-        return Rollouts(concat_prompts([x.prompts for x in groups], pad), [k for x in groups for k in x.prompt_keys],
-                        [a for x in groups for a in x.answers],
-                        sequences, {k: torch.cat([x.scores[k] for x in groups]) for k in groups[0].scores},
-                        [t for x in groups for t in x.texts])
+            return draw_batch(), {}
+        return collect_informative_groups(draw_batch, self.cfg.trainer.prompts_per_step // self.world,
+                                          self.sampling.n, self.cfg.algo.dynamic_sampling_max_rounds,
+                                          self.tokenizer.pad_token_id, self.cfg.algo.dynamic_sampling_metric)
 
     def attach_masks(self, batch: Rollouts) -> torch.Tensor:
         """One mask per prompt, shared by the prompt's n responses, seeded by the prompt's key (fresh every draw,
         the same on any rank)."""
-        gen = [torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + key) for key in batch.prompt_keys]
-        masked, _, unit_mask = mask_per_prompt(
-            batch.prompts.pixel_values, batch.prompts.image_grid_thw, self.sampling.n, self.cfg.mask.ratio,
-            self.cfg.mask.unit, self.cfg.mask.fill, self.image_processor.image_mean,
-            self.image_processor.image_std, gen, self.image_processor.merge_size, batch.prompts.images_per_prompt)
+        masked, drawn = mask_prompts(self.cfg.mask, batch.prompts, batch.prompt_keys, self.sampling.n,
+                                     self.cfg.trainer.seed, self.image_processor)  # grid units or raw squares
         batch.sequences.masked_pixel_values = masked
-        return unit_mask
+        return drawn
 
     def micro_batches(self, start: int, stop: int) -> list[tuple[int, int]]:
         size = self.cfg.trainer.micro_batch_size
@@ -356,7 +303,8 @@ class PAPOTrainer:
                 logprobs=stats["logprobs"], old_logprobs=old["logprobs"][a:b], response_mask=mask,
                 advantages=advantages[a:b], entropy=stats["entropy"], masked_logprobs=masked.get("masked_logprobs"),
                 masked_entropy=masked.get("masked_entropy"), full_kl=masked.get("kl"),
-                ref_logprobs=old["ref_logprobs"][a:b] if "ref_logprobs" in old else None)
+                ref_logprobs=old["ref_logprobs"][a:b] if "ref_logprobs" in old else None,
+                rollout_is_weights=old["rollout_is_weights"][a:b] if "rollout_is_weights" in old else None)
             loss, metrics = papo_loss(inputs, self.cfg.algo, gamma, token_normalizer=token_norm,
                                       seq_normalizer=global_seqs)
             loss_finite = loss_finite and bool(torch.isfinite(loss))
@@ -386,11 +334,45 @@ class PAPOTrainer:
         steps = self.cfg.trainer.steps
         bar = tqdm(range(self.start_step, steps), desc="PAPO", disable=not dist_utils.is_main(), dynamic_ncols=True,
                    initial=self.start_step, total=steps)
-        for step in bar:
-            metrics = self.train_step(step)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics.get('accuracy', 0):.2f}",
-                            kl=f"{metrics.get('perception_kl', 0.0):.3f}")
+        with StopSignals() as signals:  # SIGTERM / SIGINT: stop after the current step (preemption.py)
+            for step in bar:
+                metrics = self.train_step(step)
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics.get('accuracy', 0):.2f}",
+                                kl=f"{metrics.get('perception_kl', 0.0):.3f}")
+                signum = signals.agreed_stop()  # collective: all ranks stop at the same step
+                if signum is not None:
+                    self.stop_preempted(step + 1, signum)
         return self.finish(self.history)
+
+    def stop_preempted(self, steps_done: int, signum: int) -> None:
+        """Checkpoint the `steps_done` steps (unless that step was just saved), flush the metrics and W&B, and
+        raise Preempted (the CLI prints its one line and exits with 128 + signum)."""
+        path = ckpt.checkpoints_dir(self.out_dir) / f"step-{steps_done:06d}"
+        if self.last_saved_step != steps_done:
+            path = self.save_checkpoint(steps_done)
+        self.tracker.close()
+        name = signal.Signals(signum).name
+        raise Preempted(f"{name} received: saved {path} after step {steps_done} of {self.cfg.trainer.steps}; "
+                        f"continue with --resume", signum)
+
+    def _rollout_mismatch(self, batch: Rollouts, old: dict) -> dict[str, tuple[float, float]]:
+        """Rollout engine vs trainer on this step's sampled tokens, as (sum, count) per metric ({} when the backend
+        reports no log-probs, i.e. HF: it samples from the trainer's module). With algo.rollout_is on, also the
+        policy-loss IS weights, stored in old["rollout_is_weights"]."""
+        if batch.rollout_logprobs is None:
+            return {}
+        a, mask = self.cfg.algo, batch.sequences.response_mask
+        sums = rollout_mismatch_sums(old["logprobs"], batch.rollout_logprobs, mask)
+        tokens = sums.pop("tokens")
+        out = {"rollout/logprob_abs_diff": (sums["abs_diff"], tokens), "rollout/kl": (sums["kl"], tokens),
+               "rollout/chi2": (sums["chi2"], tokens)}
+        if a.rollout_is != "off":
+            weights = rollout_is_weights(old["logprobs"], batch.rollout_logprobs, mask, a.rollout_is,
+                                         a.rollout_is_level, a.rollout_is_threshold, a.rollout_is_threshold_low)
+            old["rollout_is_weights"] = weights
+            out["rollout/is_weight_mean"] = (float((weights * mask).sum()), tokens)
+            out["rollout/is_dropped_fraction"] = (float(((weights == 0) & (mask > 0)).sum()), tokens)
+        return out
 
     def train_step(self, step: int) -> dict:
         """One PAPO step: rollout, reward, advantages, masks, old log-probs, update, metrics, checkpoint."""
@@ -406,6 +388,7 @@ class PAPOTrainer:
                 self.attach_masks(batch)
         with timer.phase("old_logprobs"):
             old = self.old_stats(seqs)
+            mismatch = self._rollout_mismatch(batch, old)
         gamma = gamma_at(step, steps, cfg.algo)
         lr = learning_rate(step, steps, cfg.optim)
         self.engine.set_lr(lr)
@@ -428,7 +411,7 @@ class PAPOTrainer:
             **{k: (float(v[valid].sum()), sequences) for k, v in batch.scores.items()},
             "response_length": (float(mask.sum()), sequences),
             "entropy": (float((old["entropy"] * mask).sum()), tokens),
-            **masked,
+            **masked, **mismatch,
         })
         metrics.update({
             "clip_fraction": upd.get("update/pg_clipfrac", 0.0),
@@ -437,9 +420,11 @@ class PAPOTrainer:
             **{f"time/{k}": v for k, v in timer.seconds.items()},
             "time/step": time.perf_counter() - step_start,
         })
+        if self.hybrid.last_sync_check is not None:
+            metrics["rollout/sync_check"] = self.hybrid.last_sync_check
         metrics = self._reduce_metrics(metrics)
         if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and step + 1 < steps:
-            metrics["eval/accuracy"] = self.evaluate()
+            metrics["eval/accuracy"] = held_out_accuracy(self)
         self.tracker.log(step, metrics, histograms={"perception_reliance": per_seq_kl.tolist()},
                          samples=[{"answer": batch.answers[0], "response": t, "reward": float(r)}
                                   for t, r in zip(batch.texts[:2], batch.scores["reward"][:2])])
@@ -466,41 +451,29 @@ class PAPOTrainer:
         means = [v / self.world for v in dist_utils.all_reduce_sums([float(metrics[k]) for k in names])]
         return {**metrics, **dict(zip(names, means))}
 
-    @torch.no_grad()
-    def evaluate(self, samples: int | None = None) -> float:
-        """Greedy held-out accuracy (each rank a share, summed)."""
-        count = min(samples or self.cfg.trainer.eval_samples, len(self.eval_set))
-        mine = list(range(self.rank, count, self.world))
-        correct = 0.0
-        greedy = SamplingParams(1, 0.0, 1.0, self.sampling.max_new_tokens)
-        size = self.cfg.rollout.batch_size
-        calls = math.ceil(math.ceil(count / self.world) / size)  # the same on every rank
-        for call in tqdm(range(calls), desc="held-out eval", disable=not dist_utils.is_main(), leave=False):
-            index = mine[call * size:(call + 1) * size]
-            # a rank out of prompts still generates (on a stand-in it then ignores): ZeRO-3 generation and
-            # the weight push are collective
-            chunk = [self.eval_set[i] for i in (index or [0])]
-            out = self.hybrid.generate(self.encode(chunk), greedy)
-            scores = self.reward(out.texts, [s.answer for s in chunk])
-            correct += float(scores.get("accuracy", scores["reward"])[:len(index)].sum())
-        return dist_utils.all_reduce_sum(correct) / count
-
     def finish(self, history: list[dict]) -> dict:
         cfg = self.cfg
         summary = {"steps": len(history)}
         if not cfg.data.eval_files:
             summary["chance_accuracy"] = chance_accuracy(cfg.data.task)
-        summary["eval_accuracy"] = self.evaluate()
+        if cfg.trainer.save_final:  # before the evaluation: an error there must not lose the final weights
+            path = self.out_dir / "checkpoint-final"
+            try:
+                self.engine.save_pretrained(path, self.tokenizer, self.image_processor)
+            except Exception as err:
+                full = ckpt.no_space_left(err, self.out_dir)
+                if full is None:
+                    raise
+                raise TrainingStopped(f"{full}; the final model was not written (the training checkpoints under "
+                                      f"{ckpt.checkpoints_dir(self.out_dir)} are intact)") from None
+            summary["checkpoint"] = str(path)
+        summary["eval_accuracy"] = held_out_accuracy(self)
         if history:
             k = max(1, len(history) // 5)
             first = sum(h["reward"] for h in history[:k]) / k
             last = sum(h["reward"] for h in history[-k:]) / k
             summary.update(reward_first_20pct=first, reward_last_20pct=last,
                            reward_ratio=last / first if first > 0 else None)
-        if cfg.trainer.save_final:
-            path = self.out_dir / "checkpoint-final"
-            self.engine.save_pretrained(path, self.tokenizer, self.image_processor)
-            summary["checkpoint"] = str(path)
         if dist_utils.is_main():
             if cfg.logging.plot and history:
                 summary["plot"] = str(plot_metrics(self.tracker.metrics_path, self.out_dir / "curves.png",

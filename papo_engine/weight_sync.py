@@ -5,7 +5,8 @@
 * names are the checkpoint names, i.e. what `save_pretrained` writes for this module (transformers 5 renames
   `model.language_model.*` -> `model.*` and `model.visual.*` -> `visual.*` when saving Qwen2.5-VL), so the engine
   receives exactly the names it reads from a checkpoint directory;
-* a bucket holds at most `bucket_bytes` of tensors, except a single tensor larger than that, which comes alone;
+* a bucket holds whole layers (`layer_of`: never q without k/v) and at most `bucket_bytes` of tensors, except
+  a single layer larger than that, which comes alone;
 * under ZeRO-3 each bucket's parameters are gathered with `deepspeed.zero.GatheredParameters` (collective: every
   rank must drain the generator in the same order), one bucket at a time, never the whole model.
 
@@ -59,17 +60,38 @@ def _full_nbytes(p: torch.Tensor) -> int:
     return int(numel) * p.element_size()
 
 
+def layer_of(name: str) -> str:
+    """The unit a bucket never splits: the module path up to the first numeric index (a decoder layer
+    `...layers.3`, a vision block `...blocks.1`, a merger MLP `...mlp.0`), else the owning module.
+
+    Engines fuse a layer's checkpoint tensors (q/k/v into qkv_proj, gate/up into gate_up_proj) and vLLM-CPU's
+    reload processes a layer once all of its tensors arrived: a bucket ending between q and k/v corrupts the
+    engine silently (measured on vLLM-CPU 0.32: sync check 0.0)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return ".".join(parts[:-1])
+
+
 def plan_buckets(module: torch.nn.Module, bucket_bytes: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
-    """Parameters in `named_parameters()` order, packed greedily into buckets of at most `bucket_bytes`."""
+    """Parameters in `named_parameters()` order, packed greedily into buckets of at most `bucket_bytes`, whole
+    layers (`layer_of`) only: a layer larger than the limit fills a bucket of its own."""
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes={bucket_bytes}: must be >= 1")
-    buckets, current, size = [], [], 0
+    layers: list[list[tuple[str, torch.nn.Parameter]]] = []
     for name, p in module.named_parameters():
-        nbytes = _full_nbytes(p)
+        if layers and layer_of(layers[-1][-1][0]) == layer_of(name):
+            layers[-1].append((name, p))
+        else:
+            layers.append([(name, p)])
+    buckets, current, size = [], [], 0
+    for layer in layers:
+        nbytes = sum(_full_nbytes(p) for _, p in layer)
         if current and size + nbytes > bucket_bytes:
             buckets.append(current)
             current, size = [], 0
-        current.append((name, p))
+        current.extend(layer)
         size += nbytes
     if current:
         buckets.append(current)

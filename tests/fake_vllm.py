@@ -1,9 +1,14 @@
-"""A stand-in for the part of vLLM's offline API that papo_engine uses, for machines without CUDA.
+"""A stand-in for GPU vLLM's offline API: what CPU vLLM cannot show (tests/test_vllm_real.py runs the real CPU
+build for everything else).
 
-Same names and signatures as vLLM's `LLM`, `SamplingParams`, `RequestOutput`, `CompletionOutput` (v0.2x), and
-the same observable behaviour where the rollout code depends on it; generation is real (transformers'
+It plays vLLM 0.32 on a CUDA machine (`platforms.current_platform.is_cpu()` is False): sleep mode with its memory
+semantics, and `model_runner.model.load_weights` as the push path. Same names and signatures as vLLM's `LLM`,
+`SamplingParams`, `RequestOutput`, `CompletionOutput`, `Logprob`; generation is real (transformers'
 Qwen2_5_VLForConditionalGeneration loaded from the model directory). What it enforces, like the real engine:
 
+* `LLM(...)` takes only keyword arguments vLLM's EngineArgs has (KNOWN_ENGINE_ARGS; a test checks them against
+  the real EngineArgs where vllm is installed); `SamplingParams` rejects greedy with n > 1 and temperature > 2,
+  and `logprobs=0` returns each sampled token's log-prob of the processed (biased, tempered) distribution;
 * `distributed_executor_backend="external_launcher"` needs RANK / LOCAL_RANK and VLLM_ENABLE_V1_MULTIPROCESSING=0;
 * `worker_extension_cls` is a dotted name whose class is appended to the worker's bases; `collective_rpc(method,
   timeout=None, args=(), kwargs=None)` calls it on the (single) worker and returns a one-element list;
@@ -26,19 +31,32 @@ import itertools
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-__version__ = "0.26.0+fake"
+__version__ = "0.32.0+fake"
 
 _TAGS = ("weights", "kv_cache")
+# the GPU build: sleep mode and `load_weights` exist there
+platforms = SimpleNamespace(current_platform=SimpleNamespace(is_cpu=lambda: False))
+KNOWN_ENGINE_ARGS = frozenset({
+    "tensor_parallel_size", "distributed_executor_backend", "dtype", "seed", "gpu_memory_utilization",
+    "enable_sleep_mode", "worker_extension_cls", "limit_mm_per_prompt", "mm_processor_cache_gb", "mm_processor_kwargs",
+    "generation_config", "max_model_len", "logprobs_mode", "kv_cache_memory_bytes", "enable_chunked_prefill",
+    "max_num_batched_tokens", "enforce_eager"})
+
+
+class Logprob:
+    def __init__(self, logprob: float, rank: int | None = None, decoded_token: str | None = None):
+        self.logprob, self.rank, self.decoded_token = logprob, rank, decoded_token
 
 
 class SamplingParams:
     """Only the fields papo_engine sets, with vLLM's names and defaults; unknown names raise like msgspec."""
 
     _DEFAULTS = dict(n=1, temperature=1.0, top_p=1.0, top_k=0, seed=None, max_tokens=16, stop_token_ids=None,
-                     logit_bias=None, detokenize=True, skip_special_tokens=True, ignore_eos=False)
+                     logit_bias=None, detokenize=True, skip_special_tokens=True, ignore_eos=False, logprobs=None)
 
     def __init__(self, **kwargs):
         unknown = set(kwargs) - set(self._DEFAULTS)
@@ -50,6 +68,10 @@ class SamplingParams:
             raise ValueError("n and max_tokens must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.temperature > 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}.")
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
 
 
 class CompletionOutput:
@@ -138,6 +160,9 @@ class LLM:
         from transformers import PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+        unknown = sorted(set(kwargs) - KNOWN_ENGINE_ARGS)
+        if unknown:  # EngineArgs is a dataclass: an unknown field is a TypeError
+            raise TypeError(f"EngineArgs.__init__() got an unexpected keyword argument {unknown[0]!r}")
         self.model_path, self.kwargs = model, dict(kwargs)
         self.calls: list[tuple] = []
         if kwargs.get("tensor_parallel_size", 1) != 1:
@@ -263,14 +288,20 @@ class LLM:
             kwargs.update(do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k or 0)
 
         def run(rows: int):
+            """[(token ids, log-probs of the processed distribution)] per row."""
             input_ids = torch.tensor([ids] * rows)
             with torch.no_grad():
-                return self.hf_model.generate(
+                out = self.hf_model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                     pixel_values=torch.cat([pixel] * rows), image_grid_thw=torch.cat([vision["image_grid_thw"]] * rows),
                     mm_token_type_ids=(input_ids == self.hf_model.config.image_token_id).int(),
                     max_new_tokens=sp.max_tokens, eos_token_id=stops, pad_token_id=self.tokenizer.pad_token_id,
-                    logits_processor=LogitsProcessorList([_Bias()]), **kwargs)[:, len(ids):].tolist()
+                    logits_processor=LogitsProcessorList([_Bias()]), output_scores=True,
+                    return_dict_in_generate=True, **kwargs)
+            tokens = out.sequences[:, len(ids):]
+            logps = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)  # [rows, steps, V]
+            chosen = logps.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            return [(t.tolist(), lp.tolist()) for t, lp in zip(tokens, chosen)]
 
         if sp.seed is not None and sp.temperature > 0:
             generated = []
@@ -281,10 +312,13 @@ class LLM:
         else:
             generated = run(sp.n)
         completions = []
-        for k, gen in enumerate(generated):
+        for k, (gen, logps) in enumerate(generated):
             end = next((i for i, t in enumerate(gen) if t in stops), None)
             token_ids = gen if end is None else gen[:end + 1]  # the stop token is part of the output
             text = self.tokenizer.decode(token_ids, skip_special_tokens=sp.skip_special_tokens) if sp.detokenize else ""
-            completions.append(CompletionOutput(k, text, token_ids, "length" if end is None else "stop",
-                                                None if end is None or gen[end] == eos else gen[end]))
+            completion = CompletionOutput(k, text, token_ids, "length" if end is None else "stop",
+                                          None if end is None or gen[end] == eos else gen[end])
+            if sp.logprobs is not None:  # logprobs=0: the sampled token only, as {token: Logprob} per position
+                completion.logprobs = [{t: Logprob(lp)} for t, lp in zip(token_ids, logps)]
+            completions.append(completion)
         return RequestOutput(str(next(self._request_ids)), None, ids, completions)

@@ -11,7 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_yaml_default_matches_embedded_default():
+    """tiny_cpu.yaml spells out the embedded default: every key, with the default's value."""
     assert load_config(ROOT / "configs" / "tiny_cpu.yaml").to_dict() == Config().to_dict()
+    spelled = yaml.safe_load((ROOT / "configs" / "tiny_cpu.yaml").read_text())
+    assert {s: sorted(v) for s, v in spelled.items()} == {s: sorted(v) for s, v in Config().to_dict().items()}
 
 
 def test_dotted_overrides_are_typed():

@@ -67,13 +67,12 @@ def files(tmp_path):
 
 
 def _data_cfg(tiny, **kw):
-    cfg = tiny[0]
-    return dataclasses.replace(cfg.data, **{"max_prompt_length": 200, **kw})
+    return dataclasses.replace(tiny[0].data, **kw)
 
 
-def _load(tiny, files, **kw):
+def _load(tiny, files, prompt_limit=200, **kw):
     _, tokenizer, processor, _ = tiny
-    return load_dataset_files(files, _data_cfg(tiny, **kw), tokenizer, processor, "train")
+    return load_dataset_files(files, _data_cfg(tiny, **kw), tokenizer, processor, "train", prompt_limit)
 
 
 def _encoded_length(sample, tiny):
@@ -96,7 +95,7 @@ def test_counts_and_samples(tiny, files, caplog):
 
     samples = [ds[i] for i in range(len(ds))]
     parquet = files[1]
-    assert [s.uid for s in samples] == ["j0", "j1", f"{parquet}:0", f"{parquet}:1", "h0", "h1"]  # files in order
+    assert [s.uid for s in samples] == ["j0", "j1", f"{parquet}:1", f"{parquet}:2", "h0", "h1"]  # files in order
     assert [s.question for s in samples] == ["What color is the shape?", "How many images?", "Parquet one?",
                                              "Parquet two?", "HF one?", "HF two?"]
     assert [s.answer for s in samples] == ["red", "2", "p1", "3.5", "a", "b"]
@@ -123,8 +122,8 @@ def test_prompt_lengths_match_encode_prompts(tiny, files):
     big = Image.new("RGB", (560, 560), "white")
     n = prompt_length("Huge image?", [big.size], tokenizer, processor)
     assert n == _encoded_length(type(ds[0])([big], "Huge image?", "c", "x"), tiny) and n > 200
-    # no limit: the huge-image record is kept
-    unlimited = _load(tiny, files, max_prompt_length=0)
+    # a limit it fits under: the huge-image record is kept
+    unlimited = _load(tiny, files, prompt_limit=n)
     assert unlimited.loaded == 7 and "prompt_too_long" not in unlimited.skipped
 
 
@@ -141,7 +140,7 @@ def test_large_image_downscaled_to_processor_target(tiny, tmp_path):
     (tmp_path / "big.jpg").write_bytes(buf.getvalue())
     _write_jsonl(tmp_path / "d.jsonl", [{"problem": "Q?", "answer": "a", "images": ["big.jpg", "big.jpg"]}])
     cfg = dataclasses.replace(tiny[0].data, min_pixels=3136, max_pixels=112 * 112)
-    ds = load_dataset_files([str(tmp_path / "d.jsonl")], cfg, tokenizer, processor, "train")
+    ds = load_dataset_files([str(tmp_path / "d.jsonl")], cfg, tokenizer, processor, "train", 2048)
     sample = ds[0]
     h, w = smart_resize(170, 300, factor=28, min_pixels=3136, max_pixels=112 * 112)
     assert all(im.size == (w, h) for im in sample.images) and w * h <= 112 * 112
@@ -210,7 +209,7 @@ def test_other_bad_records_and_inputs(tiny, tmp_path):
     assert ds.skipped == {"bad_images_type": 1, "image_placeholder_mismatch": 1, "missing_problem": 1,
                           "no_image": 1, "bad_problem_type": 1, "bad_json": 1, "bad_answer_type": 1}
     assert [(s.question, s.answer, s.uid) for s in (ds[0], ds[1])] == [
-        ("ok", "1.5", f"{tmp_path / 'o.jsonl'}:0"), ("from array", "z", f"{tmp_path / 'arr.json'}:0")]
+        ("ok", "1.5", f"{tmp_path / 'o.jsonl'}:1"), ("from array", "z", f"{tmp_path / 'arr.json'}:1")]
     with pytest.raises(ConfigError, match="no usable records"):
         _load(tiny, [str(tmp_path / "o.jsonl")], problem_key="nothing")
 

@@ -104,3 +104,35 @@ def test_eval_matches_a_direct_greedy_computation(trained, tmp_path, tiny):
         text = tokenizer.decode(out[0, pb.input_ids.shape[1]:], skip_special_tokens=True)
         correct.append(accuracy_format_reward(text, record["answer"])["accuracy"])
     assert row["accuracy"] == pytest.approx(sum(correct) / len(correct), abs=1e-9)
+
+
+def _one_line_error(*args):
+    result = subprocess.run([sys.executable, "-m", "papo_engine.cli", *args], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("papo:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+def test_eval_of_a_folder_without_weights_is_one_line(trained, tmp_path):
+    bench = _benchmark_file(tmp_path / "bench", 1)
+    config_only = trained / "checkpoints" / "step-000002" / "hf"  # config + tokenizer, no weights
+    line = _one_line_error("eval", "--model", str(config_only), "--data", str(bench))
+    assert f"--model {config_only}: no model weights in it" in line
+    checkpoint = trained / "checkpoints" / "step-000002"
+    line = _one_line_error("eval", "--model", str(checkpoint), "--data", str(bench))
+    assert "is a training checkpoint" in line and f"papo export {checkpoint}" in line
+
+
+def test_export_of_a_damaged_checkpoint_or_onto_a_file_is_one_line(trained, tmp_path):
+    import shutil
+    damaged = shutil.copytree(trained / "checkpoints" / "step-000002", tmp_path / "step-000002")
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    assert f"{target} is a file" in _one_line_error("export", str(damaged), str(target))
+    model_states = next((damaged / "deepspeed").rglob("*model_states.pt"))
+    model_states.write_bytes(model_states.read_bytes()[:4096])
+    line = _one_line_error("export", str(damaged), str(tmp_path / "out"))
+    assert f"{model_states}: unreadable" in line
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,8 @@ from papo_engine.masking import (
     QWEN_IMAGE_MEAN,
     QWEN_IMAGE_STD,
     black_value,
+    blacken_raw_squares,
+    mask_raw_per_prompt,
     mask_per_prompt,
     mask_pixel_values,
     repeat_for_rollouts,
@@ -234,3 +236,109 @@ def test_per_prompt_generators_make_a_prompts_mask_independent_of_its_batch():
     assert torch.equal(units[-1:], units_alone)
     with pytest.raises(ValueError, match="2 generators for 3 prompts"):
         mask_per_prompt(pixel_values, grid, 2, 0.5, generator=gens([0, 1]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# raw-image space (mask.space=raw): the authors' random_patch_blackening, then the same image processor
+
+
+def _authors_blackening(arr: np.ndarray, draws: list[float], ratio: float, size: int) -> np.ndarray:
+    """MikeWangWZHL/PAPO verl/trainer/papo_utils.py, written out: a loop over squares from the top-left corner,
+    one uniform draw per square in row-major order (ours come from a torch generator instead of np.random)."""
+    img = arr.astype(np.float32)
+    h, w = img.shape[:2]
+    k = 0
+    for y in range(0, h, size):
+        for x in range(0, w, size):
+            if draws[k] < ratio:
+                img[y:min(y + size, h), x:min(x + size, w), :] = 0
+            k += 1
+    return img.astype(np.uint8)
+
+
+@pytest.mark.parametrize("h, w", [(50, 37), (84, 112), (13, 29)])
+def test_raw_squares_match_the_authors_loop(h, w):
+    arr = _image(seed=5, h=h, w=w)
+    masked, squares = blacken_raw_squares(Image.fromarray(arr), 0.6, 14, torch.Generator().manual_seed(3))
+    draws = torch.rand(-(-h // 14) * -(-w // 14), generator=torch.Generator().manual_seed(3)).tolist()
+    assert squares.shape == (-(-h // 14), -(-w // 14))
+    assert squares.flatten().tolist() == [d < 0.6 for d in draws]
+    assert np.array_equal(np.array(masked), _authors_blackening(arr, draws, 0.6, 14))  # partial edge squares too
+
+
+def test_raw_masked_fraction_near_ratio_and_input_untouched():
+    arr = _image(seed=6, h=560, w=560)  # 1,600 squares
+    image = Image.fromarray(arr)
+    masked, squares = blacken_raw_squares(image, 0.6, 14, torch.Generator().manual_seed(4))
+    assert abs(squares.float().mean().item() - 0.6) <= 0.03
+    assert np.array_equal(np.array(image), arr)
+    black = (np.array(masked) == 0).all(axis=2)
+    assert abs(black.mean() - squares.float().mean().item()) < 1e-3  # random pixels are rarely exactly black
+
+
+def test_raw_mask_goes_through_the_processor_with_the_original_grid():
+    """Images the processor RESIZES (not multiples of 28): the masked images keep the original grid, ratio 0 gives
+    the original pixel_values bit for bit, ratio 1 the processor's all-black image; one mask per prompt."""
+    processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=20000)
+    images = [[Image.fromarray(_image(seed=7, h=50, w=61))],
+              [Image.fromarray(_image(seed=8, h=90, w=45)), Image.fromarray(_image(seed=9, h=33, w=70))]]
+    flat = [im for ims in images for im in ims]
+    pv, thw = _process(processor, [np.array(im) for im in flat])
+    gens = [torch.Generator().manual_seed(k) for k in (0, 1)]
+    none, thw_rep, _ = mask_raw_per_prompt(images, thw, 3, 0.0, 14, processor, gens)
+    assert torch.equal(none, repeat_for_rollouts(pv, thw, 3, [1, 2])[0])
+    assert torch.equal(thw_rep, repeat_for_rollouts(pv, thw, 3, [1, 2])[1])
+    all_black, _, squares = mask_raw_per_prompt(images, thw, 1, 1.0, 14, processor, gens)
+    black_pv, _ = _process(processor, [np.zeros_like(np.array(im)) for im in flat])
+    assert squares.all() and torch.equal(all_black, black_pv)
+    masked, _, squares = mask_raw_per_prompt(images, thw, 2, 0.6, 14, processor,
+                                             [torch.Generator().manual_seed(k) for k in (0, 1)])
+    want = [blacken_raw_squares(im, 0.6, 14, g)[0] for g, ims in
+            zip([torch.Generator().manual_seed(k) for k in (0, 1)], images) for im in ims]
+    want_pv, _ = _process(processor, [np.array(im) for im in want])
+    assert torch.equal(masked, repeat_for_rollouts(want_pv, thw, 2, [1, 2])[0])
+    assert squares.any() and not squares.all() and not torch.equal(masked, repeat_for_rollouts(pv, thw, 2, [1, 2])[0])
+    with pytest.raises(ValueError, match="image_grid_thw"):
+        mask_raw_per_prompt(images, thw[[1, 0, 2]], 1, 0.5, 14, processor, gens)
+
+
+def test_raw_mask_of_a_transparent_image_is_opaque_black():
+    """A non-RGB image: masked squares reach the model black (a zeroed transparent pixel would become white),
+    unmasked pixels exactly as the processor treats the original."""
+    processor = Qwen2VLImageProcessorPil(min_pixels=784, max_pixels=1003520)
+    rgba = np.concatenate([_image(seed=10, h=56, w=56), np.full((56, 56, 1), 128, np.uint8)], axis=2)
+    image = Image.fromarray(rgba, mode="RGBA")
+    pv = processor(images=[image], return_tensors="pt")["pixel_values"]
+    masked, squares = blacken_raw_squares(image, 1.0, 28, torch.Generator().manual_seed(0))
+    assert squares.all()
+    black = processor(images=[Image.new("RGB", (56, 56))], return_tensors="pt")["pixel_values"]
+    assert torch.equal(processor(images=[masked], return_tensors="pt")["pixel_values"], black)
+    kept, _ = blacken_raw_squares(image, 0.0, 28, torch.Generator().manual_seed(0))
+    assert torch.equal(processor(images=[kept], return_tensors="pt")["pixel_values"], pv)
+
+
+def test_mask_prompts_dispatches_on_space_with_key_seeded_generators():
+    from types import SimpleNamespace
+
+    from papo_engine.config import MaskConfig, ModelConfig
+    from papo_engine.masking import mask_prompts
+    from papo_engine.models import encode_prompts, load_tokenizer
+
+    processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=20000)
+    images = [[Image.fromarray(_image(seed=11, h=56, w=56))], [Image.fromarray(_image(seed=12, h=61, w=47))]]
+    prompts = encode_prompts(["a", "b"], images, load_tokenizer(ModelConfig()), processor)
+    keys, seed = [5, 9], 3
+
+    def gens():
+        return [torch.Generator().manual_seed(seed * 1_000_003 + k) for k in keys]
+
+    grid, units = mask_prompts(MaskConfig(), prompts, keys, 2, seed, processor)
+    want, _, want_units = mask_per_prompt(prompts.pixel_values, prompts.image_grid_thw, 2, 0.6, generator=gens(),
+                                          images_per_prompt=[1, 1])
+    assert torch.equal(grid, want) and torch.equal(units, want_units)
+    raw, squares = mask_prompts(MaskConfig(space="raw"), prompts, keys, 2, seed, processor)
+    want, _, want_squares = mask_raw_per_prompt(images, prompts.image_grid_thw, 2, 0.6, 14, processor, gens())
+    assert torch.equal(raw, want) and torch.equal(squares, want_squares) and not torch.equal(raw, grid)
+    with pytest.raises(ValueError, match="raw images"):
+        mask_prompts(MaskConfig(space="raw"), SimpleNamespace(**{**prompts.__dict__, "images": None}), keys, 2,
+                     seed, processor)

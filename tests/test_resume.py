@@ -98,11 +98,15 @@ def _nonfinite(tmp_path, nan_steps, *overrides):
     return json.loads(verdict_file.read_text()), _metrics(tmp_path / "run")
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2, 3])
-def test_nonfinite_loss_skips_the_step_and_training_goes_on(tmp_path, zero_stage):
+@pytest.mark.parametrize("zero_stage, offload", [(0, False), (2, False), (3, False), (2, True), (3, True)])
+def test_nonfinite_loss_skips_the_step_and_training_goes_on(tmp_path, zero_stage, offload):
+    """Also with the optimizer offloaded to the CPU, where ZeRO-3 never fills `averaged_gradients`."""
     verdict, rows = _nonfinite(tmp_path, "1", "trainer.steps=3", f"deepspeed.zero_stage={zero_stage}",
+                               f"deepspeed.offload_optimizer={str(offload).lower()}",
                                "trainer.save_every=0", "trainer.save_final=false")
     assert verdict["changed"] == {"0": True, "1": False, "2": True}
+    if zero_stage == 3:  # the engine's guard itself saw the NaN gradients, also with the optimizer offloaded
+        assert verdict["zero3_guard"] == {"0": False, "1": True, "2": False}
     assert verdict["stopped"] is None and verdict["finite_params"]
     assert [r["nonfinite/skipped_step"] for r in rows] == [0.0, 1.0, 0.0]
     assert [r["nonfinite/skipped_total"] for r in rows] == [0, 1, 1]
@@ -129,3 +133,119 @@ def test_resume_with_other_settings_is_refused(straight_run):
                             capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
     assert result.returncode == 2
     assert "algo.gamma: 0.02 -> 0.5" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pre-emption, damaged checkpoints, runs that stopped before their first checkpoint, moved runs
+
+
+def _wait_for_metrics_lines(out, count, proc, timeout=600):
+    deadline = time.time() + timeout
+    path = out / "metrics.jsonl"
+    while proc.poll() is None and time.time() < deadline:
+        if path.is_file() and len(path.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.05)
+
+
+def _papo_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("papo:")]
+
+
+def test_sigint_saves_a_checkpoint_and_resume_is_bitwise_identical(straight_run, tmp_path):
+    """A real SIGINT after the first step: the step in progress finishes, a checkpoint is written, one line is
+    printed and the exit code is 130; --resume then gives the uninterrupted run's metrics and weights exactly."""
+    proc = subprocess.Popen(_cmd(tmp_path, "trainer.steps=6", "trainer.save_every=3"), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_metrics_lines(tmp_path, 1, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 130, stderr[-3000:]
+    saved = ckpt_steps(tmp_path)
+    assert saved and saved[-1] < 6, saved  # stopped early, with a checkpoint of the steps done
+    lines = _papo_lines(stderr)
+    assert len(lines) == 1 and "SIGINT" in lines[0] and f"step-{saved[-1]:06d}" in lines[0], stderr[-2000:]
+    assert len(_metrics(tmp_path)) == saved[-1]  # every finished step was logged (flushed) before the exit
+    assert not (tmp_path / "checkpoint-final").exists()
+    result = _run(_cmd(tmp_path, "trainer.steps=6", "trainer.save_every=3", resume=True))
+    assert f"step {saved[-1]}" in result.stdout
+    _assert_same_run(straight_run, tmp_path)
+
+
+def ckpt_steps(out):
+    return [int(p.name.split("-")[1]) for p in sorted((out / "checkpoints").glob("step-*"))
+            if (p / "COMPLETE").is_file()]
+
+
+def _copy_run(run, dest):
+    import shutil
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("wandb"))
+    return dest
+
+
+def _fails(cmd, code=2):
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
+    assert result.returncode == code, result.stderr[-3000:]
+    lines = _papo_lines(result.stderr)
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[0]
+
+
+def test_damaged_newest_checkpoint_is_named_and_metrics_are_kept(straight_run, tmp_path):
+    run = _copy_run(straight_run, tmp_path / "run")
+    shard = next((run / "checkpoints" / "step-000006" / "deepspeed").rglob("*.pt"))
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated, as by a disk failure
+    before = (run / "metrics.jsonl").read_text()
+    line = _fails(_cmd(run, "trainer.steps=6", "trainer.save_every=3", resume=True))
+    assert str(shard) in line and f"--resume {run / 'checkpoints' / 'step-000003'}" in line
+    assert (run / "metrics.jsonl").read_text() == before  # nothing logged was deleted
+
+
+def test_truncated_trainer_state_is_named(straight_run, tmp_path):
+    run = _copy_run(straight_run, tmp_path / "run")
+    state = run / "checkpoints" / "step-000006" / "trainer_state.json"
+    state.write_text(state.read_text()[:50])
+    line = _fails(_cmd(run, "trainer.steps=6", "trainer.save_every=3", resume=True))
+    assert str(state) in line and "step-000003" in line
+
+
+def test_resume_accepts_a_moved_run_spelled_differently(straight_run, tmp_path):
+    """The run folder moved, given relative with a trailing slash, and another trainer.eval_samples: the same
+    run (none of these changes training), so --resume continues it."""
+    moved = _copy_run(straight_run, tmp_path / "moved")
+    relative = os.path.relpath(moved, ROOT) + "/"
+    result = _run(_cmd(relative, "trainer.steps=7", "trainer.save_every=3", "trainer.eval_samples=2",
+                       "trainer.save_final=false", resume=True))
+    assert "resumed from" in result.stdout and "step 6" in result.stdout
+    rows = _metrics(moved)
+    assert [r["step"] for r in rows] == list(range(7)) and rows[:6] == _metrics(straight_run)
+
+
+def test_run_that_stopped_before_its_first_checkpoint_restarts_with_resume(tmp_path):
+    """A crash before the first checkpoint left metrics and a half-written checkpoint: a new run names the way
+    out, --resume starts again from step 0 (old lines replaced); the final model is saved before the final
+    evaluation, so an error there keeps it."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "reward": 9.0}\n{"step": 1, "rew')
+    (tmp_path / "checkpoints" / "step-000002.tmp" / "deepspeed").mkdir(parents=True)
+    line = _fails(_cmd(tmp_path, "trainer.steps=2"))
+    assert "no complete checkpoint" in line and "--resume" in line
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "multiproc" / "final_eval_fails.py"),
+                             *_cmd(tmp_path, "trainer.steps=2", "trainer.save_every=0", resume=True)[3:]],
+                            capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=900)
+    assert result.returncode != 0 and "evaluation failed on purpose" in result.stderr
+    assert "starting the run from step 0" in result.stdout
+    assert [r["step"] for r in _metrics(tmp_path)] == [0, 1] and _metrics(tmp_path)[0]["reward"] != 9.0
+    assert not (tmp_path / "checkpoints" / "step-000002.tmp").exists()
+    assert (tmp_path / "checkpoint-final" / "model.safetensors").is_file()
+
+
+def test_output_dir_that_is_a_file_is_one_line(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert "is a file" in _fails(_cmd(target, "trainer.steps=1"))
+
+
+def test_nan_reward_names_the_reward_function(tmp_path):
+    line = _fails(_cmd(tmp_path, "trainer.steps=2", "warmup.steps=0",
+                       "reward.function=tests.multiproc.nan_reward.nan_reward"))
+    assert "tests.multiproc.nan_reward.nan_reward" in line and "reward=nan" in line and "optim.lr" not in line

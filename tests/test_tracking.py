@@ -80,3 +80,15 @@ def test_resume_truncates_steps_after_the_checkpoint_and_keeps_the_run_id(tmp_pa
     Tracker(tmp_path, {}, True, "p", None, resume_run_id="abc", resume_step=3)
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
     assert seen["id"] == "abc" and seen["resume"] == "allow"
+
+
+def test_resume_drops_a_half_written_last_line_with_one_warning(tmp_path):
+    """A run that died while writing a line (e.g. on a full disk) left half a JSON record at the end."""
+    lines = [json.dumps({"step": s, "reward": 0.5}) for s in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "rew')
+    with pytest.warns(UserWarning, match=r"dropped 1 incomplete line\(s\) \(line 5\)") as caught:
+        tracker = Tracker(tmp_path, {}, False, "p", None, resume_step=3)
+    assert len(caught) == 1
+    tracker.log(3, {"reward": 0.25})
+    tracker.close()
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]

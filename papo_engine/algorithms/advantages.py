@@ -48,6 +48,32 @@ def informative_groups(rewards: Tensor, n: int) -> Tensor:
     return (r != r[:, :1]).any(dim=1)
 
 
+# the authors' online filter (algorithm.filter_low / filter_high with filter_key=accuracy): keep a group when
+# its mean accuracy lies strictly inside this range
+ACCURACY_KEEP_RANGE = (0.01, 0.99)
+KEEP_METRICS = ("reward", "accuracy")
+
+
+def groups_to_keep(scores: dict[str, Tensor], n: int, metric: str = "reward") -> Tensor:
+    """DAPO dynamic-sampling keep-mask over groups, BoolTensor[G], by the configured criterion.
+
+        reward:   the group's n rewards are not all equal (`informative_groups`)
+        accuracy: low < mean_g(accuracy) < high with (low, high) = ACCURACY_KEEP_RANGE — the authors' filter.
+                  It drops a group whose answers are all wrong even when their format rewards differ.
+    `scores` holds per-response tensors [G*n] ("reward", and "accuracy" for the accuracy criterion).
+    """
+    if metric == "reward":
+        return informative_groups(scores["reward"], n)
+    if metric == "accuracy":
+        if "accuracy" not in scores:
+            raise ValueError("algo.dynamic_sampling_metric=accuracy: the reward function returns no 'accuracy' "
+                             f"(it returns {', '.join(sorted(scores))})")
+        low, high = ACCURACY_KEEP_RANGE
+        mean = _groups(scores["accuracy"].double(), n).mean(dim=1)
+        return (mean > low) & (mean < high)
+    raise ValueError(f"dynamic_sampling_metric={metric!r}: must be one of {', '.join(KEEP_METRICS)}")
+
+
 def overlong_penalty(response_lengths: Tensor, max_new_tokens: int, buffer: int, factor: float) -> Tensor:
     """DAPO soft overlong punishment, added to the reward of each response.
 

@@ -230,6 +230,8 @@ class LossInputs:
     masked_entropy: Tensor | None = None
     full_kl: Tensor | None = None
     ref_logprobs: Tensor | None = None
+    # rollout IS correction (rollout_correction.rollout_is_weights): per-token constants on the pg loss
+    rollout_is_weights: Tensor | None = None
 
 
 class LossSettings(NamedTuple):
@@ -248,8 +250,9 @@ def loss_settings(cfg: AlgoConfig) -> LossSettings:
     official=True forces the authors' computation whatever the other fields say: perception KL = k3 with the
     ±20 / ±10 clamps, entropy = NLL of sampled tokens, token-mean aggregation, no gradient through the masked
     branch. Still honoured: clip ratios, dual-clip, β and its estimator (k3 also gets the verl clamps), η1/η2,
-    γ, and perception_kl_clamp (the authors' optional [0, c] clamp). The authors normalize the token-mean per
-    micro-batch and divide by the gradient-accumulation count: to reproduce that, the trainer passes
+    γ, and perception_kl_clamp (the authors' optional [0, c] clamp, off in all their scripts: a validated config
+    refuses it, and the forced fields too when they differ — `config.OFFICIAL_SETTINGS`). The authors normalize
+    the token-mean per micro-batch and divide by the gradient-accumulation count: to reproduce that, the trainer passes
     token_normalizer = (local response tokens) × (accumulation steps).
     """
     if cfg.official:
@@ -310,6 +313,8 @@ def papo_loss(inputs: LossInputs, cfg: AlgoConfig, gamma: float, token_normalize
 
     pg_tok, metrics = policy_gradient_loss(logp, old, inputs.advantages, mask, cfg.clip_ratio_low,
                                            cfg.clip_ratio_high, cfg.dual_clip)
+    if inputs.rollout_is_weights is not None:  # off-policy correction for the rollout engine's sampler
+        pg_tok = pg_tok * clean(inputs.rollout_is_weights, detach=True)
     loss = agg(pg_tok)
     with torch.no_grad():
         metrics["pg_loss"] = aggregate(pg_tok, mask, s.loss_agg)

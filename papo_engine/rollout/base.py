@@ -24,6 +24,7 @@ class RolloutOutput:
     response_ids: torch.Tensor    # [B*n, R], pad after the end
     response_mask: torch.Tensor   # [B*n, R] float, 1 up to and including the eos token
     texts: list[str]              # decoded responses, special tokens removed
+    logprobs: torch.Tensor | None = None  # [B*n, R] the engine's sampled-token log-probs (vLLM), 0 after the end
 
 
 def response_keys(prompt_keys: list[int], n: int) -> torch.Tensor:

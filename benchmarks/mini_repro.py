@@ -1,0 +1,257 @@
+"""The paper's claim in miniature: with a text shortcut available, does PAPO's perception loss make the policy look?
+
+    python benchmarks/mini_repro.py            # GRPO and PAPO-G, seeds 0 1 2, 600 steps: ~45 min on 2 CPU cores alone
+    python benchmarks/mini_repro.py --steps 2 --seeds 0 --prompts 4 --eval-samples 4 --eval-every 1 --out /tmp/mr
+
+Task `shape_color_hint` (papo_engine/hint_task.py): the image always shows the answer (one coloured shape); the
+question ends with "Hint: the answer is <colour>.", right with probability ρ (--rho, 0.7) and wrong otherwise. A
+policy that copies the hint scores ρ, one that reads the image 1. Held-out: 2 splits of --eval-samples unseen
+images, one where every hint is right and one where every hint is wrong (there only the image gives the answer).
+
+Both methods run the embedded tiny default (papo_engine/config.py) on that task with the same seeds, steps,
+prompts and warm-start: for a given seed the model init and the stage-0 warm-start are identical (checked: the
+JSON records a checksum of the warm-started weights per run). GRPO is that config with algo.gamma=0 (no masked
+branch at all); PAPO-G is the default (γ 0.02). Extra `key=value` arguments go to both.
+
+Measured every --eval-every steps (and at step 0) on both held-out splits, greedy decoding: accuracy; hint
+following (the boxed answer equals the hinted colour); perception reliance — per sample, the mean over its
+response tokens of the exact KL(π(·|q, I) ‖ π(·|q, I_mask)), I_mask a fixed mask per item (the run's mask
+settings, seed 0), the same quantity for both methods. Training metrics per step (reward, accuracy, and for PAPO
+the training-time perception KL) come from the trainer.
+
+Writes benchmarks/results/mini_repro_<device>.json (per run: curves, final per-sample reliance, training
+metrics; "summary": mean, sample std, min, max over seeds per method and split), .md (tables) and .png
+(held-out accuracy on hint-wrong items over steps per method, and the other two measures). Budget (2 cores,
+machine alone): ~0.5 s per step (16 prompts x 8, PAPO ~1.3x GRPO), warm-start ~20 s, one evaluation ~5 s.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+METHODS = {"grpo": ["algo.gamma=0"], "papo_g": []}
+SPLITS = ("hint_right", "hint_wrong")
+# no checkpoints, plots or W&B: the JSON is the record
+COMMON = ["trainer.save_every=0", "trainer.save_final=false", "logging.wandb=false", "logging.plot=false",
+          "trainer.eval_every=0", "trainer.eval_samples=1"]
+TRAIN_KEYS = ("reward", "accuracy", "format", "perception_kl", "perception_reliance_mean", "time/step")
+EVAL_KEY_OFFSET = 10_000_000  # mask keys of held-out items, far from any training prompt's key
+EVAL_MASK_SEED = 0
+
+
+def device_name() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().lower().replace(" ", "_")
+    return f"cpu_{os.cpu_count()}cores"
+
+
+def weights_checksum(module) -> str:
+    digest = hashlib.sha256()
+    for name, param in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def evaluate(trainer, dataset, batch_size: int = 50) -> dict:
+    """Greedy accuracy, hint following and per-sample perception reliance on `dataset` (HintDataset)."""
+    import torch
+
+    from papo_engine.actor import SequenceBatch, response_token_stats
+    from papo_engine.masking import mask_prompts
+    from papo_engine.rewards import extract_answer
+    from papo_engine.rollout.base import SamplingParams
+
+    greedy = SamplingParams(1, 0.0, 1.0, trainer.sampling.max_new_tokens)
+    correct, followed, reliance = [], [], []
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            index = list(range(start, min(start + batch_size, len(dataset))))
+            samples = [dataset[i] for i in index]
+            prompts = trainer.encode(samples)
+            out = trainer.hybrid.generate(prompts, greedy)
+            scores = trainer.reward(out.texts, [s.answer for s in samples])
+            correct += scores["accuracy"].tolist()
+            for text, sample in zip(out.texts, samples):
+                predicted = extract_answer(text)
+                followed.append(float(predicted is not None and predicted.strip().lower() == sample.hint))
+            seqs = SequenceBatch(prompts, out.response_ids, out.response_mask)
+            seqs.masked_pixel_values, _ = mask_prompts(trainer.cfg.mask, prompts, [EVAL_KEY_OFFSET + i for i in index],
+                                                       1, EVAL_MASK_SEED, trainer.image_processor)
+            stats = response_token_stats(trainer.engine.module, seqs, both_branches=True,
+                                         temperature=trainer.sampling.temperature)
+            mask = seqs.response_mask
+            reliance += ((stats["kl"] * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+    return {"accuracy": statistics.fmean(correct), "hint_follow": statistics.fmean(followed),
+            "reliance_mean": statistics.fmean(reliance), "reliance_median": statistics.median(reliance),
+            "per_sample_reliance": reliance}
+
+
+def run_one(method: str, seed: int, args, out_root: str) -> dict:
+    from papo_engine.config import load_config
+    from papo_engine.hint_task import HintDataset
+    from papo_engine.trainer import PAPOTrainer
+
+    overrides = [*COMMON, "data.task=shape_color_hint", f"data.hint_accuracy={args.rho}", f"trainer.seed={seed}",
+                 f"trainer.steps={args.steps}", f"trainer.prompts_per_step={args.prompts}",
+                 f"trainer.output_dir={out_root}/{method}_seed{seed}", *METHODS[method], *args.overrides]
+    if args.warmup_steps is not None:
+        overrides.append(f"warmup.steps={args.warmup_steps}")
+    cfg = load_config(None, overrides)
+    started = time.perf_counter()
+    trainer = PAPOTrainer(cfg)
+    checksum = weights_checksum(trainer.engine.module)
+    splits = {name: HintDataset("eval", args.eval_samples, cfg.data.seed, cfg.data.image_size, args.rho,
+                                hint=name.removeprefix("hint_")) for name in SPLITS}
+
+    def measure(step: int) -> dict:
+        point = {"step": step}
+        for name, dataset in splits.items():
+            point[name] = evaluate(trainer, dataset)
+        print(f"{method} seed {seed} step {step}: " + ", ".join(
+            f"{name} acc {point[name]['accuracy']:.2f} follow {point[name]['hint_follow']:.2f} "
+            f"reliance {point[name]['reliance_mean']:.3f}" for name in SPLITS), flush=True)
+        return point
+
+    curve, train = [measure(0)], []
+    for step in range(args.steps):
+        metrics = trainer.train_step(step)
+        train.append({"step": step, **{k: metrics[k] for k in TRAIN_KEYS if k in metrics}})
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            curve.append(measure(step + 1))
+    trainer.tracker.close()
+    final = curve[-1]
+    for point in curve[:-1]:  # per-sample values are kept for the final evaluation only
+        for name in SPLITS:
+            point[name].pop("per_sample_reliance")
+    run = {"method": method, "seed": seed, "overrides": overrides, "warm_start_checksum": checksum,
+           "seconds": time.perf_counter() - started, "curve": curve, "train": train,
+           "final": {name: final[name] for name in SPLITS}}
+    del trainer
+    gc.collect()
+    return run
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "values": values}
+
+
+def summarize(runs: list[dict]) -> dict:
+    summary = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
+        summary[method] = {"seeds": [r["seed"] for r in mine]}
+        for name in SPLITS:
+            summary[method][name] = {k: _spread([r["final"][name][k] for r in mine])
+                                     for k in ("accuracy", "hint_follow", "reliance_mean")}
+        last = [statistics.fmean(row["reward"] for row in r["train"][-max(1, len(r["train"]) // 5):]) for r in mine]
+        summary[method]["train_reward_last_20pct"] = _spread(last)
+    seeds = {r["seed"] for r in runs}
+    summary["same_warm_start_per_seed"] = all(len({r["warm_start_checksum"] for r in runs if r["seed"] == s}) == 1
+                                              for s in seeds)
+    return summary
+
+
+def table(report: dict) -> str:
+    s, lines = report["summary"], []
+    lines.append(f"# Mini reproduction on {report['device']}: {report['steps']} steps, seeds {report['seeds']}, "
+                 f"rho = {report['rho']}, {report['eval_samples']} held-out items per split")
+    lines += ["", "Final greedy held-out measures, mean ± sample std over seeds (min–max):", "",
+              "| method | split | accuracy | hint followed | perception reliance (mean KL) |", "|---|---|---|---|---|"]
+    for method in report["methods"]:
+        for name in SPLITS:
+            cells = [f"{v['mean']:.3f} ± {v['std']:.3f} ({v['min']:.2f}–{v['max']:.2f})"
+                     for v in (s[method][name][k] for k in ("accuracy", "hint_follow", "reliance_mean"))]
+            lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Per seed (final): accuracy hint-right / hint-wrong, training reward over the last 20% of steps:", "",
+              "| method | seed | hint-right acc | hint-wrong acc | hint-wrong followed | train reward | minutes |",
+              "|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        k = max(1, len(r["train"]) // 5)
+        reward = statistics.fmean(row["reward"] for row in r["train"][-k:])
+        lines.append(f"| {r['method']} | {r['seed']} | {r['final']['hint_right']['accuracy']:.3f} | "
+                     f"{r['final']['hint_wrong']['accuracy']:.3f} | {r['final']['hint_wrong']['hint_follow']:.3f} | "
+                     f"{reward:.3f} | {r['seconds'] / 60:.1f} |")
+    lines += ["", f"Same warm-start for both methods on every seed: {s['same_warm_start_per_seed']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("hint_wrong", "accuracy", "held-out accuracy, hint WRONG"),
+              ("hint_right", "accuracy", "held-out accuracy, hint right"),
+              ("hint_wrong", "reliance_mean", "perception reliance (mean KL), hint wrong")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    colors = {"grpo": "tab:blue", "papo_g": "tab:red"}
+    for ax, (split, key, title) in zip(axes, panels):
+        for method in report["methods"]:
+            runs = [r for r in report["runs"] if r["method"] == method]
+            for r in runs:
+                ax.plot([p["step"] for p in r["curve"]], [p[split][key] for p in r["curve"]],
+                        color=colors.get(method), alpha=0.35, linewidth=1)
+            steps = [p["step"] for p in runs[0]["curve"]]
+            mean = [statistics.fmean(r["curve"][i][split][key] for r in runs) for i in range(len(steps))]
+            ax.plot(steps, mean, color=colors.get(method), linewidth=2.5, label=f"{method} (mean of {len(runs)})")
+        if key == "accuracy":  # chance from the image alone; a pure hint-copier scores 0 (wrong) or 1 (right)
+            ax.axhline(0.25, color="gray", linestyle="--", linewidth=1, label="chance (4 colours)")
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per step (x rollout.n responses)")
+    parser.add_argument("--rho", type=float, default=0.7, help="probability that a training hint is right")
+    parser.add_argument("--eval-samples", type=int, default=100, help="held-out items per split")
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--warmup-steps", type=int, default=None, help="stage-0 steps (default: the config's)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for mini_repro_<device>.{json,md,png}")
+    parser.add_argument("overrides", nargs="*", help="config overrides (key=value) for every run")
+    args = parser.parse_args()
+    if not 0.0 <= args.rho <= 1.0 or args.steps < 1 or args.eval_every < 1 or args.eval_samples < 1:
+        parser.error("--rho must be in [0, 1]; --steps, --eval-every and --eval-samples must be >= 1")
+    sys.path.insert(0, str(ROOT))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"mini_repro_{device_name()}"
+    report = {"device": device_name(), "platform": platform.platform(), "command": " ".join(sys.argv),
+              "steps": args.steps, "seeds": args.seeds, "methods": args.methods, "rho": args.rho,
+              "prompts_per_step": args.prompts, "eval_samples": args.eval_samples, "eval_every": args.eval_every,
+              "runs": []}
+    with tempfile.TemporaryDirectory() as out_root:
+        for seed in args.seeds:
+            for method in args.methods:
+                report["runs"].append(run_one(method, seed, args, out_root))
+                report["summary"] = summarize(report["runs"])
+                stem.with_suffix(".json").write_text(json.dumps(report, indent=1))  # partial results survive a crash
+    stem.with_suffix(".md").write_text(table(report))
+    plot(report, stem.with_suffix(".png"))
+    print(table(report))
+    print(f"wrote {stem}.json, .md, .png")
+
+
+if __name__ == "__main__":
+    main()
