@@ -15,7 +15,6 @@ over rounds, the ratio the median over rounds of the paired (vLLM / HF) ratios. 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from throughput import device_name  # noqa: E402
+from throughput import device_name, write_results  # noqa: E402
 
 
 def build(args, model_dir: str):
@@ -106,12 +105,7 @@ def main() -> None:
         "summary": {"hf_rollout_tokens_per_s": median["hf"], "vllm_rollout_tokens_per_s": median["vllm"],
                     "vllm_over_hf_rollout_tokens_per_s": paired},
     }
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"rollout_{report['device']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(table(report))
-    print(table(report))
+    write_results(Path(args.output) / f"rollout_{report['device']}", report, table(report))
 
 
 def table(report: dict) -> str:

@@ -96,11 +96,15 @@ def main() -> None:
         "summary": {"papo_official_over_grpo_step_time": paired("papo_official"),
                     "papo_over_grpo_step_time": paired("papo")},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"throughput_{report['device']}"
+    write_results(RESULTS / f"throughput_{report['device']}", report, table(report))
+
+
+def write_results(stem: Path, report: dict, table_text: str) -> None:
+    """`stem`.json (the report) and `stem`.md (its table), and the table on stdout."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(table(report))
-    print(table(report))
+    stem.with_suffix(".md").write_text(table_text)
+    print(table_text)
 
 
 def table(report: dict) -> str:

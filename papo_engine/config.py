@@ -270,6 +270,8 @@ def _coerce(key: str, value: Any, ftype, meta: dict) -> Any:
                 raise TypeError
             value = float(value)
         elif base is str:
+            if isinstance(value, bool) and ("on" if value else "off") in (meta.get("choices") or ()):
+                value = "on" if value else "off"  # YAML 1.1 reads a bare `off` / `on` as a boolean
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise TypeError
             value = str(value)

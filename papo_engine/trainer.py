@@ -318,7 +318,7 @@ class PAPOTrainer:
             weight = float(mask.sum())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * weight
-            sums["loss"] = sums.get("loss", 0.0) + float(loss)
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
         grad_norm, applied = self.engine.step()
         # a non-finite loss makes non-finite gradients, which every rank's step() detects and discards; a
         # non-finite loss with finite gradients is not expected, and is reported rather than trusted

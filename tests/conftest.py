@@ -16,6 +16,22 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR",
 import pytest  # noqa: E402
 
 
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def launcher_env_stays_per_test():
+    """A test that runs the trainer in this process sets RANK / MASTER_PORT (distributed.prepare_environment) and
+    its process group keeps MASTER_PORT bound: later tests' subprocesses must not inherit that port."""
+    before = {k: os.environ.get(k) for k in LAUNCHER_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The embedded default's tokenizer, image processor and a tiny model (random init, seed 0)."""

@@ -17,6 +17,12 @@ def test_yaml_default_matches_embedded_default():
     assert {s: sorted(v) for s, v in spelled.items()} == {s: sorted(v) for s, v in Config().to_dict().items()}
 
 
+def test_off_is_a_choice_not_a_boolean():
+    assert load_config(None, ["algo.rollout_is=off"]).algo.rollout_is == "off"
+    with pytest.raises(ConfigError, match="algo.rollout_is=True: must be one of off, truncate, mask"):
+        load_config(None, ["algo.rollout_is=true"])
+
+
 def test_dotted_overrides_are_typed():
     cfg = load_config(None, ["trainer.steps=20", "algo.gamma=0.05", "algo.dual_clip=null",
                              "kernels.fused_head=false", "optim.betas=[0.8, 0.9]"])
@@ -91,7 +97,6 @@ def _papo(*args):
     (["train", "algo.perception_kl=full", "algo.masked_grad=false"], "algo.perception_kl='full'"),
     (["train", "trainer.micro_batch_size=0"], "trainer.micro_batch_size=0"),
     (["train", "trainer.mini_batch_prompts=5"], "must divide trainer.prompts_per_step=16"),
-    (["train", "--resume", "trainer.output_dir=/tmp/papo-no-such-run"], "--resume: no complete checkpoint"),
     (["train", "--resume=tests", "trainer.output_dir=/tmp/papo-no-such-run"], "--resume tests: not a complete checkpoint"),
 ])
 def test_cli_errors_are_one_line_exit_2(args, needle):
@@ -108,7 +113,8 @@ def test_cli_malformed_yaml_and_unloadable_model_dir(tmp_path):
     empty_model_dir = tmp_path / "model"
     empty_model_dir.mkdir()
     for args, needle in ((["train", "--config", str(bad)], "malformed YAML"),
-                         (["train", f"model.path={empty_model_dir}", "logging.wandb=false"], "no tokenizer.json there")):
+                         (["train", f"model.path={empty_model_dir}", "logging.wandb=false",
+                           f"trainer.output_dir={tmp_path / 'run'}"], "no tokenizer.json there")):
         result = _papo(*args)
         lines = [line for line in result.stderr.splitlines() if line.strip() and "WARNING" not in line]
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr[-2000:]

@@ -4,7 +4,6 @@ the GPU push path, offload order), call order per training step, the sync check,
 with HFRollout. Real vLLM (the CPU build): tests/test_vllm_real.py."""
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fake_vllm  # noqa: E402
+from model_copies import perturbed  # noqa: E402
 
 from papo_engine.batching import select_prompts  # noqa: E402
 from papo_engine.config import Config, ConfigError  # noqa: E402
@@ -55,17 +55,6 @@ class FakeTrainingEngine:
     def __init__(self, module, log=None, zero_stage=0):
         self.module, self.zero_stage = module, zero_stage
         self.engine = FakeDeepSpeed(log if log is not None else [])
-
-
-def perturbed(model, seed=1):
-    """A copy with different weights everywhere, and a negated lm_head (greedy tokens change for sure)."""
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        m.lm_head.weight.neg_()
-    return m
 
 
 def layers_whole_and_within(buckets: list[list[str]], sizes: dict[str, int], limit: int) -> bool:

@@ -5,7 +5,6 @@ initializes torch.distributed): writes a JSON verdict that tests/test_vllm_real.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -15,16 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def perturbed(model, seed=1):
-    """Different weights everywhere and a negated lm_head (greedy tokens change for sure)."""
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        m.lm_head.weight.neg_()
-    return m
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
+from model_copies import perturbed  # noqa: E402
 
 
 def main(out_path: str, work: str) -> None:
