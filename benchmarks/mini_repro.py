@@ -1,6 +1,6 @@
 """The paper's claim in miniature: with a text shortcut available, does PAPO's perception loss make the policy look?
 
-    python benchmarks/mini_repro.py            # GRPO and PAPO-G, seeds 0 1 2, 600 steps: ~45 min on 2 CPU cores alone
+    python benchmarks/mini_repro.py            # GRPO and PAPO-G, seeds 0 1 2, 600 steps: ~40 min on 2 CPU cores alone
     python benchmarks/mini_repro.py --steps 2 --seeds 0 --prompts 4 --eval-samples 4 --eval-every 1 --out /tmp/mr
 
 Task `shape_color_hint` (papo_engine/hint_task.py): the image always shows the answer (one coloured shape); the
@@ -19,23 +19,29 @@ response tokens of the exact KL(π(·|q, I) ‖ π(·|q, I_mask)), I_mask a fixe
 settings, seed 0), the same quantity for both methods. Training metrics per step (reward, accuracy, and for PAPO
 the training-time perception KL) come from the trainer.
 
+Each run is its own process; --jobs of them run at once (default: one per core, up to the number of runs) with
+cores / jobs torch threads each — two 1-thread runs on 2 cores take about as long as one, where two 2-thread
+torch processes slow each other down many times over.
+
 Writes benchmarks/results/mini_repro_<device>.json (per run: curves, final per-sample reliance, training
 metrics; "summary": mean, sample std, min, max over seeds per method and split), .md (tables) and .png
 (held-out accuracy on hint-wrong items over steps per method, and the other two measures). Budget (2 cores,
-machine alone): ~0.5 s per step (16 prompts x 8, PAPO ~1.3x GRPO), warm-start ~20 s, one evaluation ~5 s.
+machine alone, 1 thread per run): ~0.85 s per GRPO step and ~1.25 s per PAPO step (16 prompts x 8), warm-start
+~20 s, one evaluation ~5 s.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,9 +145,21 @@ def run_one(method: str, seed: int, args, out_root: str) -> dict:
     run = {"method": method, "seed": seed, "overrides": overrides, "warm_start_checksum": checksum,
            "seconds": time.perf_counter() - started, "curve": curve, "train": train,
            "final": {name: final[name] for name in SPLITS}}
-    del trainer
-    gc.collect()
     return run
+
+
+def run_in_process(method: str, seed: int, args, out_root: str, threads: int) -> dict:
+    """run_one in a fresh process with `threads` torch threads; its progress lines go to this stdout."""
+    result = Path(out_root, f"{method}_seed{seed}.json")
+    argv = [sys.executable, __file__, "--worker", method, str(seed), str(result), "--steps", str(args.steps),
+            "--prompts", str(args.prompts), "--rho", str(args.rho), "--eval-samples", str(args.eval_samples),
+            "--eval-every", str(args.eval_every), *(["--warmup-steps", str(args.warmup_steps)]
+                                                    if args.warmup_steps is not None else []), *args.overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    done = subprocess.run(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"mini_repro: {method} seed {seed} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(result.read_text())
 
 
 def _spread(values: list[float]) -> dict:
@@ -229,24 +247,37 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=100, help="held-out items per split")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--warmup-steps", type=int, default=None, help="stage-0 steps (default: the config's)")
+    parser.add_argument("--jobs", type=int, default=0, help="runs at once (default: one per core, up to the runs)")
+    parser.add_argument("--worker", nargs=3, metavar=("METHOD", "SEED", "RESULT_JSON"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for mini_repro_<device>.{json,md,png}")
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value) for every run")
     args = parser.parse_args()
     if not 0.0 <= args.rho <= 1.0 or args.steps < 1 or args.eval_every < 1 or args.eval_samples < 1:
         parser.error("--rho must be in [0, 1]; --steps, --eval-every and --eval-samples must be >= 1")
+    if args.jobs < 0:
+        parser.error("--jobs must be >= 0 (0: one per core)")
     sys.path.insert(0, str(ROOT))
+    if args.worker:
+        method, seed, result = args.worker
+        with tempfile.TemporaryDirectory() as out_root:
+            Path(result).write_text(json.dumps(run_one(method, int(seed), args, out_root)))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"mini_repro_{device_name()}"
     report = {"device": device_name(), "platform": platform.platform(), "command": " ".join(sys.argv),
               "steps": args.steps, "seeds": args.seeds, "methods": args.methods, "rho": args.rho,
               "prompts_per_step": args.prompts, "eval_samples": args.eval_samples, "eval_every": args.eval_every,
               "runs": []}
-    with tempfile.TemporaryDirectory() as out_root:
-        for seed in args.seeds:
-            for method in args.methods:
-                report["runs"].append(run_one(method, seed, args, out_root))
-                report["summary"] = summarize(report["runs"])
-                stem.with_suffix(".json").write_text(json.dumps(report, indent=1))  # partial results survive a crash
+    order = [(seed, method) for seed in args.seeds for method in args.methods]  # seed-major: partial = paired
+    jobs = args.jobs or min(os.cpu_count() or 1, len(order))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    report.update(jobs=jobs, torch_threads=threads)
+    with tempfile.TemporaryDirectory() as out_root, ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(run_in_process, method, seed, args, out_root, threads) for seed, method in order]
+        for future in futures:
+            report["runs"].append(future.result())
+            report["summary"] = summarize(report["runs"])
+            stem.with_suffix(".json").write_text(json.dumps(report, indent=1))  # partial results survive a crash
     stem.with_suffix(".md").write_text(table(report))
     plot(report, stem.with_suffix(".png"))
     print(table(report))
