@@ -38,10 +38,11 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 COMPLETE = "COMPLETE"
 DEEPSPEED_TAG = "state"
 # keys that may differ between the checkpoint's run and the resuming command (length, bookkeeping, logging, where
-# the run folder is, how much held-out evaluation): none of them changes the training itself
+# the run folder is, how much held-out evaluation, where the old log-probs come from — the same numbers either
+# way, old_policy.py): none of them changes the training itself
 RESUMABLE_CHANGES = ("trainer.steps", "trainer.save_every", "trainer.keep_last", "trainer.eval_every",
                      "trainer.max_nonfinite_steps", "trainer.output_dir", "trainer.eval_samples",
-                     "trainer.save_final", "logging.")
+                     "trainer.save_final", "trainer.on_policy_reuse", "logging.")
 # a write that failed with less than this left on the filesystem failed because the disk is full: torch.save
 # reports that only as "unexpected pos ..." or "basic_ios::clear: iostream error", without an errno
 FULL_DISK_BYTES = 1 << 20

@@ -21,12 +21,12 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .actor import SequenceBatch, response_token_stats
+from .old_policy import OldStats, old_policy_stats, on_policy_reuse, rollout_mismatch
 from .algorithms import LossInputs, gamma_at, group_advantages, loss_settings, overlong_penalty, papo_loss
 from .batching import repeat_prompts
 from .config import Config, ConfigError, TrainingStopped
 from .data import GeneratedDataset, chance_accuracy
 from .datasets import load_dataset_files
-from .algorithms.rollout_correction import rollout_is_weights, rollout_mismatch_sums
 from .dynamic_sampling import Rollouts, collect_informative_groups
 from .evaluation import held_out_accuracy
 from .head import FusedLMHead
@@ -39,6 +39,9 @@ from .preemption import Preempted, StopSignals
 from .rollout import build_rollout
 from .rollout.base import SamplingParams
 from .tracking import Tracker, plot_metrics
+
+
+ROLLOUT_TIME_MASKED = ("masked_logprobs", "masked_entropy", "kl")
 
 
 def seed_everything(seed: int) -> None:
@@ -114,6 +117,9 @@ class PAPOTrainer:
         # GRPO/DAPO (γ = η_mask = 0): no masked images, no masked branch — a true baseline, not PAPO at γ = 0
         a = cfg.algo
         self.masked_branch = a.gamma > 0 or (a.gamma_schedule == "linear" and a.gamma_final > 0) or a.eta_mask > 0
+        # exactly on-policy: π_old is the update forward itself, detached — no separate no-grad pass (old_policy.py)
+        self.reuse_update_forward = on_policy_reuse(cfg, self.settings.masked_grad, self.masked_branch,
+                                                    self.updates_per_step)
         self.data_cursor = 0
         self.start_step, self.history, self.nonfinite_skipped, self.consecutive_skips = 0, [], 0, 0
         self.last_saved_step = None
@@ -237,21 +243,15 @@ class PAPOTrainer:
         size = self.cfg.trainer.micro_batch_size
         return [(s, min(s + size, stop)) for s in range(start, stop, size)]
 
-    @torch.no_grad()
-    def old_stats(self, seqs: SequenceBatch) -> dict[str, torch.Tensor]:
-        """Rollout-time log-probs of both branches in one no-grad forward per micro-batch (+ the reference's)."""
-        model, temperature = self.engine.module, self.sampling.temperature
-        parts = []
-        for a, b in self.micro_batches(0, len(seqs)):
-            mb = seqs.slice(a, b)
-            part = response_token_stats(model, mb, both_branches=self.masked_branch, temperature=temperature)
-            if self.reference is not None:
-                part["ref_logprobs"] = response_token_stats(self.reference, mb, both_branches=False,
-                                                            temperature=temperature)["logprobs"]
-            parts.append(part)
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    def old_stats(self, seqs: SequenceBatch, rollout_logprobs: torch.Tensor | None = None) -> OldStats:
+        """Rollout-time log-probs of both branches in one no-grad forward per micro-batch (+ the reference's);
+        on-policy reuse leaves the policy's to the update forward (`old_policy.py`)."""
+        return old_policy_stats(self.engine.module, self.reference, seqs, self.micro_batches(0, len(seqs)),
+                                reuse=self.reuse_update_forward, both_branches=self.masked_branch,
+                                temperature=self.sampling.temperature, rollout_logprobs=rollout_logprobs,
+                                algo=self.cfg.algo)
 
-    def update(self, seqs: SequenceBatch, advantages: torch.Tensor, old: dict, gamma: float) -> dict:
+    def update(self, seqs: SequenceBatch, advantages: torch.Tensor, old: OldStats, gamma: float) -> dict:
         """ppo_epochs passes; each pass takes `updates_per_step` optimizer steps over consecutive mini-batches
         (the paper: 384 prompts per rollout, 128 per update)."""
         per_update = len(seqs) // self.updates_per_step
@@ -276,14 +276,12 @@ class PAPOTrainer:
         out["_per_seq_kl"] = torch.cat(per_seq_kl) if per_seq_kl else torch.zeros(0)
         return out
 
-    def _optimizer_step(self, seqs: SequenceBatch, lo: int, hi: int, advantages: torch.Tensor, old: dict,
+    def _optimizer_step(self, seqs: SequenceBatch, lo: int, hi: int, advantages: torch.Tensor, old: OldStats,
                         gamma: float, sums: dict, per_seq_kl: list | None) -> tuple[float, bool]:
         """Sequences lo..hi-1: accumulate over micro-batches, then one optimizer step. Adds token-weighted metric
         sums to `sums` (and per-sequence perception KL to `per_seq_kl` when given)."""
         model = self.engine.module
-        # official: the masked branch's log-probs are the rollout-time constants (no masked forward here)
-        both = self.settings.masked_grad and self.masked_branch
-        rollout_time = {k: old[k] for k in ("masked_logprobs", "masked_entropy", "kl") if k in old}
+        both = self.settings.masked_grad and self.masked_branch  # official: no masked forward here
         valid = seqs.response_mask[lo:hi]
         global_tokens = dist_utils.all_reduce_sum(valid.sum())
         global_seqs = dist_utils.all_reduce_sum((valid.sum(1) > 0).sum())  # DAPO padding excluded
@@ -294,7 +292,9 @@ class PAPOTrainer:
             self.engine.start_micro_batch()
             stats = response_token_stats(model, mb, both_branches=both, temperature=self.sampling.temperature)
             mask = mb.response_mask
-            masked = stats if both else {k: v[a:b] for k, v in rollout_time.items()}
+            old.record(a, b, stats, mask)  # on-policy reuse: this forward, detached, is π_old (before the loss)
+            # official: the masked branch's log-probs, entropy and KL are the rollout-time constants
+            masked = stats if both else {k: old[k][a:b] for k in ROLLOUT_TIME_MASKED if k in old}
             if self.settings.official:  # the authors: token-mean per micro-batch / accumulation count
                 token_norm = mask.sum().clamp(min=1) * len(chunks)
             else:
@@ -355,25 +355,6 @@ class PAPOTrainer:
         raise Preempted(f"{name} received: saved {path} after step {steps_done} of {self.cfg.trainer.steps}; "
                         f"continue with --resume", signum)
 
-    def _rollout_mismatch(self, batch: Rollouts, old: dict) -> dict[str, tuple[float, float]]:
-        """Rollout engine vs trainer on this step's sampled tokens, as (sum, count) per metric ({} when the backend
-        reports no log-probs, i.e. HF: it samples from the trainer's module). With algo.rollout_is on, also the
-        policy-loss IS weights, stored in old["rollout_is_weights"]."""
-        if batch.rollout_logprobs is None:
-            return {}
-        a, mask = self.cfg.algo, batch.sequences.response_mask
-        sums = rollout_mismatch_sums(old["logprobs"], batch.rollout_logprobs, mask)
-        tokens = sums.pop("tokens")
-        out = {"rollout/logprob_abs_diff": (sums["abs_diff"], tokens), "rollout/kl": (sums["kl"], tokens),
-               "rollout/chi2": (sums["chi2"], tokens)}
-        if a.rollout_is != "off":
-            weights = rollout_is_weights(old["logprobs"], batch.rollout_logprobs, mask, a.rollout_is,
-                                         a.rollout_is_level, a.rollout_is_threshold, a.rollout_is_threshold_low)
-            old["rollout_is_weights"] = weights
-            out["rollout/is_weight_mean"] = (float((weights * mask).sum()), tokens)
-            out["rollout/is_dropped_fraction"] = (float(((weights == 0) & (mask > 0)).sum()), tokens)
-        return out
-
     def train_step(self, step: int) -> dict:
         """One PAPO step: rollout, reward, advantages, masks, old log-probs, update, metrics, checkpoint."""
         cfg = self.cfg
@@ -386,15 +367,15 @@ class PAPOTrainer:
             advantages = group_advantages(batch.scores["reward"], self.sampling.n, cfg.algo.norm_adv_by_std)
             if self.masked_branch:
                 self.attach_masks(batch)
-        with timer.phase("old_logprobs"):
-            old = self.old_stats(seqs)
-            mismatch = self._rollout_mismatch(batch, old)
+        with timer.phase("old_logprobs"):  # on-policy reuse: only the reference's pass (β > 0) runs here
+            old = self.old_stats(seqs, batch.rollout_logprobs)
         gamma = gamma_at(step, steps, cfg.algo)
         lr = learning_rate(step, steps, cfg.optim)
         self.engine.set_lr(lr)
         with timer.phase("update"):
             upd = self.update(seqs, advantages, old, gamma)
         self.hybrid.mark_weights_updated()
+        mismatch = rollout_mismatch(old, batch.rollout_logprobs, seqs.response_mask)  # π_old is complete now
         per_seq_kl = upd.pop("_per_seq_kl")
         applied = upd.pop("_applied")
         self.consecutive_skips = 0 if applied else self.consecutive_skips + 1

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from papo_engine.distributed import free_port
 
@@ -83,3 +84,14 @@ def test_dapo_dynamic_sampling_on_two_zero3_ranks_runs_collectively(tmp_path):
     rows, _ = _train(tmp_path, 2, "deepspeed.zero_stage=3", "algo.dynamic_sampling=true",
                      "algo.dynamic_sampling_max_rounds=2", "algo.ref_kl_coef=0")
     assert len(rows) == 3 and all(1 <= r["dynamic_sampling/rounds"] <= 2 for r in rows)
+
+
+def test_on_policy_reuse_on_two_zero3_ranks_is_bit_identical(tmp_path):
+    """Old log-probs from the update forward (trainer.on_policy_reuse, the default) or from the separate no-grad
+    pass: the same run, bit for bit, on two ZeRO-3 ranks (parameters gathered for every forward)."""
+    on = _train(tmp_path / "on", 2, "deepspeed.zero_stage=3")
+    off = _train(tmp_path / "off", 2, "deepspeed.zero_stage=3", "trainer.on_policy_reuse=false")
+    for a, b in zip(on[0], off[0], strict=True):
+        assert {k: v for k, v in a.items() if not k.startswith("time/")} == \
+            {k: v for k, v in b.items() if not k.startswith("time/")}
+    assert all(torch.equal(on[1][k], off[1][k]) for k in on[1])

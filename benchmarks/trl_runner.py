@@ -1,0 +1,216 @@
+"""One measured training run for benchmarks/vs_trl.py — ours or TRL's — in its own process.
+
+    .venv-trl/bin/python benchmarks/trl_runner.py --mode trl_papo --model-dir D --prompts 4 --n 8 --tokens 32 \
+        --steps 6 --out run.json
+    .venv-trl/bin/python benchmarks/trl_runner.py --build-checkpoint D      # the shared checkpoint (once)
+
+Both sides get the same checkpoint (the tiny Qwen2.5-VL, random init, seed 0, saved as a Hugging Face directory
+with a Qwen2_5_VLProcessor whose chat template writes exactly our `prompts.chat_prompt`), the same prompts per
+step (our trainer's draw order; TRL reads them unshuffled), the same number of rollouts, response length,
+temperature, learning rate and PAPO weights (SETTINGS), β = 0, one optimizer step per rollout, fp32.
+
+Equal work: both sides generate exactly `--tokens` tokens per response — `min_new_tokens` = max_new_tokens
+(TRL: `generation_kwargs`; ours: the rollout module's `generation_config`, which HF `generate` merges with our
+own arguments), so EOS cannot end a response early; both also suppress the vision tokens (ours always does; a
+sampled <|image_pad|> would break TRL's forward). The run JSON records the measured completion tokens per step.
+
+Step time: wall seconds between consecutive step ends (TRL: a callback's `on_step_end`; ours: around
+`PAPOTrainer.train_step`), so both include their data loading and per-step logging. Peak RSS: ru_maxrss.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# the hyperparameters both sides share (our defaults; TRL's names in trl_config below)
+SETTINGS = {"lr": 1e-3, "temperature": 1.0, "gamma": 0.02, "eta_orig": 0.0, "eta_mask": 0.0, "mask_ratio": 0.6,
+            "clip_low": 0.2, "clip_high": 0.3, "perception_kl_clamp": 0.2, "seed": 0}
+MODES = ("ours_grpo", "ours_papo_official", "ours_papo", "trl_grpo", "trl_grpo_malloc", "trl_papo",
+         "trl_papo_malloc", "trl_papo_gc")
+# Qwen2.5-VL chat layout, written so that TRL's prompts are token-for-token our `prompts.chat_prompt`
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_processor(tokenizer, cfg):
+    """A Qwen2_5_VLProcessor around our tokenizer, sized like our image processor (needs torchvision)."""
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    images = Qwen2VLImageProcessor(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    return Qwen2_5_VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                               chat_template=CHAT_TEMPLATE)
+
+
+def build_checkpoint(model_dir: str) -> None:
+    from papo_engine.config import Config
+    from papo_engine.models import load_policy, load_tokenizer
+    cfg = Config()
+    tokenizer = load_tokenizer(cfg.model)
+    load_policy(cfg.model, tokenizer, seed=SETTINGS["seed"]).save_pretrained(model_dir)
+    make_processor(tokenizer, cfg).save_pretrained(model_dir)
+
+
+def step_samples(cfg, prompts: int, steps: int) -> list:
+    """The samples our trainer draws in `steps` steps of `prompts` prompts (`PAPOTrainer.next_prompts`, 1 rank)."""
+    import torch
+
+    from papo_engine.data import GeneratedDataset
+    ds = GeneratedDataset(cfg.data.task, "train", cfg.data.train_size, cfg.data.seed, cfg.data.image_size)
+    out = []
+    for key in range(prompts * steps):
+        epoch, pos = divmod(key, len(ds))
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.data.seed * 1000 + epoch))
+        out.append(ds[int(order[pos])])
+    return out
+
+
+def ours_overrides(args) -> list[str]:
+    from papo_engine.config import official_overrides
+    s = SETTINGS
+    common = [f"model.path={args.model_dir}", "warmup.steps=0", "trainer.eval_samples=1", "trainer.save_every=0",
+              "trainer.save_final=false", "logging.wandb=false", "logging.plot=false", f"trainer.steps={args.steps}",
+              f"trainer.prompts_per_step={args.prompts}", f"rollout.n={args.n}", f"rollout.max_new_tokens={args.tokens}",
+              f"rollout.temperature={s['temperature']}", f"optim.lr={s['lr']}", f"algo.gamma={s['gamma']}",
+              f"algo.eta_orig={s['eta_orig']}", f"algo.eta_mask={s['eta_mask']}", f"mask.ratio={s['mask_ratio']}",
+              f"algo.clip_ratio_low={s['clip_low']}", f"algo.clip_ratio_high={s['clip_high']}",
+              "algo.ref_kl_coef=0", "model.dtype=float32", "model.gradient_checkpointing=false",
+              f"trainer.seed={s['seed']}"]
+    switches = {"ours_grpo": ["algo.gamma=0", "algo.eta_orig=0", "algo.eta_mask=0"],
+                "ours_papo_official": official_overrides(), "ours_papo": []}[args.mode]
+    return common + switches
+
+
+def run_ours(args, out_dir: str) -> list[dict]:
+    from papo_engine.config import load_config
+    from papo_engine.trainer import PAPOTrainer
+    cfg = load_config(None, [*ours_overrides(args), f"trainer.output_dir={out_dir}/run"])
+    trainer = PAPOTrainer(cfg)
+    trainer.hybrid.rollout.model.generation_config.min_new_tokens = args.tokens  # fixed-length responses
+    steps, last = [], time.perf_counter()
+    for step in range(args.steps):
+        metrics = trainer.train_step(step)
+        now = time.perf_counter()
+        sequences = args.prompts * args.n
+        steps.append({"seconds": now - last, "completion_tokens": metrics["response_length"] * sequences,
+                      "phases_s": {k[5:]: v for k, v in metrics.items() if k.startswith("time/") and k != "time/step"}})
+        last = now
+    trainer.tracker.close()
+    return steps
+
+
+def trl_config(args, out_dir: str):
+    from trl import GRPOConfig
+    from trl.experimental.papo import PAPOConfig
+
+    from papo_engine.prompts import VISION_TOKENS
+    from papo_engine.models import load_tokenizer
+    from papo_engine.config import Config
+    mcfg = Config().model
+    mcfg.path = args.model_dir
+    tokenizer = load_tokenizer(mcfg)
+    s = SETTINGS
+    common = dict(
+        output_dir=out_dir, per_device_train_batch_size=args.prompts * args.n, gradient_accumulation_steps=1,
+        num_generations=args.n, max_completion_length=args.tokens, max_steps=args.steps, shuffle_dataset=False,
+        temperature=s["temperature"], top_p=1.0, top_k=0, learning_rate=s["lr"], beta=0.0, epsilon=s["clip_low"],
+        epsilon_high=s["clip_high"], loss_type="dapo", scale_rewards="group", num_iterations=1,
+        gradient_checkpointing=args.mode == "trl_papo_gc", bf16=False, fp16=False, use_cpu=True, seed=s["seed"],
+        adam_beta2=0.99, weight_decay=0.0, max_grad_norm=1.0, report_to="none", logging_steps=1,
+        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
+        generation_kwargs={"min_new_tokens": args.tokens,
+                           "suppress_tokens": tokenizer.convert_tokens_to_ids(VISION_TOKENS)})
+    if args.mode.startswith("trl_grpo"):
+        return GRPOConfig(**common)
+    return PAPOConfig(**common, perception_loss_weight=s["gamma"], mask_ratio=s["mask_ratio"], mask_type="random",
+                      der_loss_weight1=s["eta_orig"], der_loss_weight2=s["eta_mask"])
+
+
+def run_trl(args, out_dir: str) -> list[dict]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, TrainerCallback
+    from trl import GRPOTrainer
+    from trl.experimental.papo import PAPOTrainer
+
+    from papo_engine.config import Config
+    from papo_engine.prompts import FORMAT_INSTRUCTION, SYSTEM_PROMPT
+    from papo_engine.rewards import accuracy_format_reward
+
+    samples = step_samples(Config(), args.prompts, args.steps)
+    data = Dataset.from_dict({
+        "prompt": [[{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": f"{x.question} {FORMAT_INSTRUCTION}"}] for x in samples],
+        "image": [x.image for x in samples], "answer": [x.answer for x in samples]})
+
+    def reward(completions, answer, **_):
+        return [accuracy_format_reward(c[0]["content"], a)["reward"] for c, a in zip(completions, answer)]
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.ends, self.lengths = [], []
+
+        def on_train_begin(self, *_, **__):
+            self.ends.append(time.perf_counter())
+
+        def on_step_end(self, *_, **__):
+            self.ends.append(time.perf_counter())
+
+        def on_log(self, _args, _state, _control, logs=None, **__):
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append(logs["completions/mean_length"])
+
+    torch.manual_seed(SETTINGS["seed"])
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model_dir, dtype=torch.float32,
+                                                               attn_implementation="sdpa")
+    clock = StepClock()
+    cls = GRPOTrainer if args.mode.startswith("trl_grpo") else PAPOTrainer
+    trainer = cls(model=model, reward_funcs=reward, args=trl_config(args, out_dir), train_dataset=data,
+                  processing_class=AutoProcessor.from_pretrained(args.model_dir), callbacks=[clock])
+    trainer.train()
+    if len(clock.lengths) != args.steps:
+        raise RuntimeError(f"TRL logged {len(clock.lengths)} steps' completion lengths, expected {args.steps}")
+    return [{"seconds": b - a, "completion_tokens": length * args.prompts * args.n}
+            for a, b, length in zip(clock.ends, clock.ends[1:], clock.lengths)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--build-checkpoint", metavar="DIR", help="save the shared checkpoint to DIR and exit")
+    parser.add_argument("--mode", choices=MODES)
+    parser.add_argument("--model-dir")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--out", help="the run's JSON")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.build_checkpoint:
+        build_checkpoint(args.build_checkpoint)
+        return
+    if not (args.mode and args.model_dir and args.out):
+        parser.error("--mode, --model-dir and --out are required")
+    with tempfile.TemporaryDirectory() as out_dir:
+        steps = (run_ours if args.mode.startswith("ours_") else run_trl)(args, out_dir)
+    import torch
+    report = {"mode": args.mode, "prompts": args.prompts, "n": args.n, "tokens": args.tokens, "steps": steps,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
+    Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""π_old for one step: the per-token statistics of the policy that sampled the rollouts (the policy ratio's old
+log-probs and the step's entropy / perception-KL diagnostics), the reference's log-probs, and the rollout/trainer
+mismatch with its importance-sampling weights.
+
+Two ways to get π_old:
+- a separate no-grad forward per micro-batch before the update (`old_policy_stats`), as PPO does in general;
+- on-policy reuse (`on_policy_reuse`): when the update is exactly on-policy — one epoch, one optimizer step per
+  rollout, so every micro-batch's update forward runs on the very weights that sampled the rollouts — π_old IS the
+  update forward, and its output, detached, replaces the separate pass (verl does the same). `OldStats.record`
+  stores each micro-batch's rows before its loss is formed (the policy ratio and the rollout IS weights read them).
+  Same values, one forward over the batch (both branches) less. The reference model's pass (β > 0) still runs.
+  Not for the authors' computation (`official` / masked_grad=false): there the masked branch's log-probs, entropy
+  and KL are no-grad constants that the update forward does not compute (it runs the original branch only), so a
+  no-grad forward of the masked half must run anyway, and the full-vocabulary KL diagnostic needs both branches'
+  hidden states in one head call; the separate pass stays. (Dropping only its original half would mean a
+  masked-only no-grad forward plus a two-branch head in the update: different batches and kernels, so not the
+  same numbers bit for bit.)
+"""
+from __future__ import annotations
+
+import torch
+
+from .actor import SequenceBatch, response_token_stats
+from .algorithms.rollout_correction import rollout_is_weights, rollout_mismatch_sums
+
+
+def on_policy_reuse(cfg, masked_grad: bool, masked_branch: bool, updates_per_step: int) -> bool:
+    """Whether the update forward can stand in for the no-grad old-log-prob pass (see the module docstring)."""
+    t = cfg.trainer
+    return t.on_policy_reuse and t.ppo_epochs == 1 and updates_per_step == 1 and (masked_grad or not masked_branch)
+
+
+class OldStats(dict):
+    """π_old's per-token [S, R] tensors by name: logprobs, entropy (+ masked_logprobs, masked_entropy, kl with the
+    masked branch), ref_logprobs (β > 0), rollout_is_weights (algo.rollout_is, with a backend that reports
+    log-probs). With `from_update` the policy's entries are filled by `record` during the update."""
+
+    def __init__(self, stats: dict, rows: int, from_update: bool, rollout_logprobs=None, algo=None):
+        super().__init__(stats)
+        self.rows, self.from_update, self.rollout_logprobs, self.algo = rows, from_update, rollout_logprobs, algo
+
+    def record(self, a: int, b: int, stats: dict, mask: torch.Tensor) -> None:
+        """On-policy reuse: the update forward's statistics of sequences a..b-1, detached, become π_old's rows
+        (and their rollout IS weights). A no-op when π_old came from the separate pass."""
+        if not self.from_update:
+            return
+        for name, values in stats.items():
+            if name not in self:
+                self[name] = values.new_zeros(self.rows, values.shape[1])
+            self[name][a:b] = values.detach()
+        if self.rollout_logprobs is not None and self.algo.rollout_is != "off":
+            weights = _is_weights(self["logprobs"][a:b], self.rollout_logprobs[a:b], mask, self.algo)
+            if "rollout_is_weights" not in self:
+                self["rollout_is_weights"] = weights.new_zeros(self.rows, weights.shape[1])
+            self["rollout_is_weights"][a:b] = weights
+
+
+def _is_weights(old_logprobs, rollout_logprobs, mask, algo) -> torch.Tensor:
+    return rollout_is_weights(old_logprobs, rollout_logprobs, mask, algo.rollout_is, algo.rollout_is_level,
+                              algo.rollout_is_threshold, algo.rollout_is_threshold_low)
+
+
+@torch.no_grad()
+def old_policy_stats(model, reference, seqs: SequenceBatch, chunks: list[tuple[int, int]], *, reuse: bool,
+                     both_branches: bool, temperature: float, rollout_logprobs=None, algo=None) -> OldStats:
+    """One no-grad forward per micro-batch of both branches (unless `reuse`) and of the reference (when given);
+    the rollout IS weights when the policy's log-probs are known here."""
+    parts = []
+    for a, b in chunks if not reuse or reference is not None else ():
+        mb = seqs.slice(a, b)
+        part = {} if reuse else response_token_stats(model, mb, both_branches=both_branches, temperature=temperature)
+        if reference is not None:
+            part["ref_logprobs"] = response_token_stats(reference, mb, both_branches=False,
+                                                        temperature=temperature)["logprobs"]
+        parts.append(part)
+    stats = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    old = OldStats(stats, len(seqs), reuse, rollout_logprobs, algo)
+    if not reuse and rollout_logprobs is not None and algo.rollout_is != "off":
+        old["rollout_is_weights"] = _is_weights(old["logprobs"], rollout_logprobs, seqs.response_mask, algo)
+    return old
+
+
+def rollout_mismatch(old: dict, rollout_logprobs, mask: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """Rollout engine vs trainer on this step's sampled tokens, as (sum, count) per metric ({} when the backend
+    reports no log-probs, i.e. HF: it samples from the trainer's module); with the IS weights' mean and dropped
+    fraction when they were computed. Reads the complete π_old: call it after the update."""
+    if rollout_logprobs is None:
+        return {}
+    sums = rollout_mismatch_sums(old["logprobs"], rollout_logprobs, mask)
+    tokens = sums.pop("tokens")
+    out = {"rollout/logprob_abs_diff": (sums["abs_diff"], tokens), "rollout/kl": (sums["kl"], tokens),
+           "rollout/chi2": (sums["chi2"], tokens)}
+    if "rollout_is_weights" in old:
+        weights = old["rollout_is_weights"]
+        out["rollout/is_weight_mean"] = (float((weights * mask).sum()), tokens)
+        out["rollout/is_dropped_fraction"] = (float(((weights == 0) & (mask > 0)).sum()), tokens)
+    return out

@@ -1,0 +1,139 @@
+"""On-policy reuse (`trainer.on_policy_reuse`, papo_engine/old_policy.py): when the update is exactly on-policy
+(one epoch, one optimizer step per rollout) the update forward, detached, stands in for the separate no-grad
+old-log-prob pass. The result must be the SAME run — parameters, losses and every metric bit-identical over several
+steps — because the no-grad pass and the update forward compute the same values from the same weights over the
+same micro-batches. Where on-policy does not hold (ppo_epochs > 1, several optimizer steps per rollout) or the
+update does not run the masked branch (official / masked_grad=false), the separate pass still runs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from papo_engine import old_policy
+from papo_engine.algorithms import loss_settings
+from papo_engine.config import load_config, official_overrides
+
+
+
+def parity_reward(response: str, answer: str) -> dict[str, float]:
+    """Varies within a group after a few tokens, unlike the task's reward (8 tokens never reach the answer
+    format): non-zero advantages, so real policy-gradient updates, not zero-advantage no-ops."""
+    return {"reward": float(len(response) % 2)}
+
+
+# 4 prompts x 4 responses = 16 sequences in 2 micro-batches of 8
+SMALL = ["trainer.steps=3", "warmup.steps=20", "trainer.prompts_per_step=4", "rollout.n=4",
+         "trainer.micro_batch_size=8", "rollout.max_new_tokens=8", "trainer.eval_samples=1", "trainer.save_every=0",
+         "trainer.save_final=false", "logging.wandb=false", "logging.plot=false",
+         f"reward.function={__name__}.parity_reward"]
+MODES = {"grpo": ["algo.gamma=0"], "papo": [], "official": official_overrides()}
+
+
+def _run(tmp_path, monkeypatch, reuse: bool, *overrides, steps: int = 3, setup=None):
+    """`steps` training steps in this process. Returns (metrics per step without timings, final parameters,
+    number of separate no-grad forwards of the policy, the trainer)."""
+    from papo_engine.trainer import PAPOTrainer
+
+    out = tmp_path / f"reuse-{reuse}"
+    cfg = load_config(None, [*SMALL, f"trainer.output_dir={out}", f"trainer.on_policy_reuse={str(reuse).lower()}",
+                             *overrides])
+    trainer = PAPOTrainer(cfg)
+    if setup is not None:
+        setup(trainer)
+    models = []
+    real = old_policy.response_token_stats
+
+    def counting(model, *args, **kwargs):
+        models.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(old_policy, "response_token_stats", counting)
+    rows = [{k: v for k, v in trainer.train_step(step).items() if not k.startswith("time/")} for step in range(steps)]
+    monkeypatch.setattr(old_policy, "response_token_stats", real)
+    trainer.tracker.close()
+    params = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
+    return rows, params, sum(m is trainer.engine.module for m in models), trainer
+
+
+def _assert_same_run(a, b):
+    rows_a, params_a = a[:2]
+    rows_b, params_b = b[:2]
+    assert len(rows_a) == len(rows_b)
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra.keys() == rb.keys()
+        differ = {k: (ra[k], rb[k]) for k in ra if ra[k] != rb[k]}
+        assert not differ, differ  # bit-identical metrics, loss included
+    differ = [n for n in params_a if not torch.equal(params_a[n], params_b[n])]
+    assert not differ, differ  # bit-identical parameters
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_reuse_gives_the_same_run_bit_for_bit(tmp_path, monkeypatch, mode):
+    """GRPO, PAPO default and official, 3 steps, with and without the lever."""
+    with_reuse = _run(tmp_path, monkeypatch, True, *MODES[mode])
+    without = _run(tmp_path, monkeypatch, False, *MODES[mode])
+    _assert_same_run(with_reuse, without)
+    rows = with_reuse[0]
+    assert all(r["grad_norm"] > 0 for r in rows)  # real updates, not zero-advantage no-ops
+    assert all(r["nonfinite/skipped_step"] == 0 for r in rows)
+    if mode != "grpo":
+        assert all(r["perception_kl"] > 0 and r["masked_entropy"] > 0 for r in rows)  # diagnostics from π_old
+    # the separate pass: 2 micro-batches per step without the lever; skipped with it, except official (whose
+    # masked-branch constants only a no-grad forward of the masked half provides)
+    assert without[2] == 2 * len(rows)
+    assert with_reuse[2] == (2 * len(rows) if mode == "official" else 0)
+    assert with_reuse[3].reuse_update_forward == (mode != "official")
+
+
+@pytest.mark.parametrize("override", ["trainer.ppo_epochs=2", "trainer.mini_batch_prompts=2"])
+def test_separate_pass_runs_when_not_on_policy(tmp_path, monkeypatch, override):
+    """Two epochs, or two optimizer steps per rollout: from the second optimizer step on the current policy is not
+    the one that sampled, so π_old must come from the separate pass — also with the lever switched on."""
+    rows, _, separate, trainer = _run(tmp_path, monkeypatch, True, override, steps=1)
+    assert not trainer.reuse_update_forward
+    assert separate == 2  # one no-grad forward per micro-batch
+    # the later optimizer step(s) see a moved policy: the ratio differs from 1 (reuse would force it to 1)
+    assert rows[0]["update/ppo_kl"] != 0
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_rollout_is_weights_and_mismatch_from_the_update_forward(tmp_path, monkeypatch, level):
+    """With a rollout backend that reports log-probs, the IS weights of each micro-batch are formed from the update
+    forward before its loss, and the mismatch metrics from the complete π_old: the same numbers as the separate
+    pass. (HF rollout reports none, so the rollout's log-probs are made up here: the trainer's own, shifted.)"""
+    def setup(trainer):
+        trainer.cfg.algo.rollout_is, trainer.cfg.algo.rollout_is_level = "truncate", level
+        trainer.cfg.algo.rollout_is_threshold = 1.5
+        collect = trainer.collect
+
+        def with_rollout_logprobs(timer):
+            batch, info = collect(timer)
+            ids = batch.sequences.response_ids
+            batch.rollout_logprobs = -3.0 + 0.5 * torch.sin(ids.float()) * batch.sequences.response_mask
+            return batch, info
+        trainer.collect = with_rollout_logprobs
+
+    with_reuse = _run(tmp_path, monkeypatch, True, setup=setup)
+    without = _run(tmp_path, monkeypatch, False, setup=setup)
+    _assert_same_run(with_reuse, without)
+    assert with_reuse[2] == 0
+    rows = with_reuse[0]
+    assert all(0 < r["rollout/is_weight_mean"] < 1.5 and r["rollout/kl"] > 0 for r in rows)
+
+
+def test_switch_and_rule():
+    def reuse(*overrides):
+        cfg = load_config(None, list(overrides))
+        a = cfg.algo
+        masked_branch = a.gamma > 0 or a.eta_mask > 0
+        per_step = cfg.trainer.prompts_per_step // (cfg.trainer.mini_batch_prompts or cfg.trainer.prompts_per_step)
+        return old_policy.on_policy_reuse(cfg, loss_settings(a).masked_grad, masked_branch, per_step)
+
+    assert reuse()  # the default run
+    assert reuse("algo.gamma=0")  # GRPO: no masked branch
+    assert reuse("trainer.mini_batch_prompts=16")  # one mini-batch = the whole step
+    assert not reuse("trainer.on_policy_reuse=false")
+    assert not reuse("trainer.ppo_epochs=2")
+    assert not reuse("trainer.mini_batch_prompts=8")
+    assert not reuse("algo.masked_grad=false")
+    assert not reuse(*official_overrides())
