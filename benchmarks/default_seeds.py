@@ -27,18 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_device import device_name  # benchmarks/ is on sys.path: these run as scripts
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = {"papo": [], "grpo": ["algo.gamma=0"]}
 COMMON = ["logging.wandb=false", "logging.plot=false", "trainer.save_every=0", "trainer.save_final=false"]
 KEYS = ("eval_accuracy", "reward_first_20pct", "reward_last_20pct")
-
-
-def device_name() -> str:
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name().lower().replace(" ", "_")
-    return f"cpu_{os.cpu_count()}cores"
 
 
 def run_one(method: str, seed: int, overrides: list[str], out_root: str, threads: int) -> dict:

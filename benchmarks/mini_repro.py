@@ -44,6 +44,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench_device import device_name  # benchmarks/ is on sys.path: these run as scripts
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = {"grpo": ["algo.gamma=0"], "papo_g": []}
@@ -54,13 +56,6 @@ COMMON = ["trainer.save_every=0", "trainer.save_final=false", "logging.wandb=fal
 TRAIN_KEYS = ("reward", "accuracy", "format", "perception_kl", "perception_reliance_mean", "time/step")
 EVAL_KEY_OFFSET = 10_000_000  # mask keys of held-out items, far from any training prompt's key
 EVAL_MASK_SEED = 0
-
-
-def device_name() -> str:
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name().lower().replace(" ", "_")
-    return f"cpu_{os.cpu_count()}cores"
 
 
 def weights_checksum(module) -> str:

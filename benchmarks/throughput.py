@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -23,6 +22,8 @@ import tempfile
 from pathlib import Path
 
 from papo_engine.config import official_overrides
+
+from bench_device import device_name  # benchmarks/ is on sys.path: these run as scripts
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -35,13 +36,6 @@ PHASES = ["rollout", "weight_sync", "advantages", "old_logprobs", "update"]
 # measurement runs only: no warm-start, evaluation, checkpoints or logging services
 COMMON = ["warmup.steps=0", "trainer.eval_samples=1", "trainer.save_every=0", "trainer.save_final=false",
           "logging.wandb=false", "logging.plot=false"]
-
-
-def device_name() -> str:
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name().lower().replace(" ", "_")
-    return f"cpu_{os.cpu_count()}cores"
 
 
 def build_trainers(out_root: str, steps: int, overrides: list[str]) -> dict:

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_device import device_name  # benchmarks/ is on sys.path: these run as scripts
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from trl_runner import MODES, SETTINGS  # noqa: E402
@@ -156,13 +158,6 @@ def summarize(runs: list[dict], args) -> dict:
                "measure": "completion tokens/s, ours_papo / TRL's best PAPO (gradient checkpointing off), paired "
                           "median over repeats"}
     return {"summary": summary, "configurations": configs}
-
-
-def device_name() -> str:
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name().lower().replace(" ", "_")
-    return f"cpu_{os.cpu_count()}cores"
 
 
 def versions(python: str) -> dict:
