@@ -1,4 +1,4 @@
-"""Training throughput: GRPO vs PAPO (`official`: masked log-probs from the rollout-time no-grad pass) vs PAPO
+"""Training throughput: GRPO vs PAPO (`official`: the masked branch as no-grad constants, the authors' way) vs PAPO
 (default: gradient through both branches, original and masked images in one 2B forward), in one run.
 
     python benchmarks/throughput.py                      # tiny default model on this machine

@@ -16,10 +16,31 @@ sampled <|image_pad|> would break TRL's forward). The run JSON records the measu
 
 Step time: wall seconds between consecutive step ends (TRL: a callback's `on_step_end`; ours: around
 `PAPOTrainer.train_step`), so both include their data loading and per-step logging. Peak RSS: ru_maxrss.
+
+Phases (each step's "phases_s", the same names on both sides; "detail_s" has the raw seams): wrappers put on
+instance attributes at run time (trl and papo_engine are not modified; a wrapper costs two perf_counter calls and
+a dict update, a few microseconds per step: PHASE_SEAMS says which calls are wrapped). Every mapped phase is a
+disjoint piece of the step, so they sum to at most the step; "other" is the rest (data loading, logging, TRL's
+batch split/shuffle, our metric reductions).
+  rollout             ours: `trainer.encode` (prompt processing) + the hybrid's "rollout" phase (HF generate +
+                      decode; + weight_sync/offload/sync_check where they run). TRL: `_generate` (chat template +
+                      processor, `generate`, decode, length metrics).
+  rewards_advantages  ours: `trainer.reward` + the "advantages" phase (group advantages; PAPO: image masks).
+                      TRL: `_generate_and_score_completions` minus `_generate` and minus the old/ref log-prob passes:
+                      its second processor pass over the images, padding, rewards, advantages, metrics.
+  old_logprobs        ours: the "old_logprobs" phase (0 when reused on-policy). TRL: no-grad calls of
+                      `_get_per_token_logps_and_entropies` (none here: num_iterations = 1 and β = 0).
+  update              ours: the "update" phase. TRL: `compute_loss` (forward, PAPO: both branches and its image
+                      mask) + `accelerator.backward` + `_clip_grad_norm` + on_pre_optimizer_step → on_step_end
+                      (optimizer.step, scheduler, zero_grad).
+  other               step − the four above.
+detail_s: generate (the model's `generate` alone, both sides), update.forward / update.backward / update.optimizer
+(ours: `engine.backward`, `engine.step`, the rest of "update" is forward + loss), rewards, and the raw seams.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -41,6 +62,64 @@ CHAT_TEMPLATE = (
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+PHASES = ("rollout", "rewards_advantages", "old_logprobs", "update", "other")
+
+
+class PhaseClock:
+    """Wall seconds per named seam, summed within the current step; `take()` returns them and starts the next."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls = 0
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def wrap(self, owner, attr: str, name: str, when=None) -> None:
+        """Replace `owner.attr` (an instance attribute, so only this object is affected) by a timed call; with
+        `when`, only calls for which `when()` is true are timed."""
+        fn = getattr(owner, attr)
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if when is not None and not when():
+                return fn(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+                self.calls += 1
+
+        setattr(owner, attr, timed)
+
+    def take(self) -> dict[str, float]:
+        out, self.seconds = self.seconds, {}
+        return out
+
+
+def mapped_phases(step_s: float, rollout: float, rewards_advantages: float, old_logprobs: float,
+                  update: float) -> dict[str, float]:
+    phases = {"rollout": rollout, "rewards_advantages": rewards_advantages, "old_logprobs": old_logprobs,
+              "update": update}
+    phases["other"] = step_s - sum(phases.values())
+    return phases
+
+
+# TRL's seams (trl 1.7.1 GRPOTrainer, also PAPOTrainer's): (attribute, raw seam name, condition). `generate` is
+# the model's own (the object TRL unwraps for generation), `backward` the accelerator's, the rest the trainer's.
+PHASE_SEAMS = {"trl": [
+    ("_generate_and_score_completions", "score", None),   # the whole rollout + scoring stage
+    ("_generate", "rollout", None),                        # tokenize/process prompts, generate, decode
+    ("generate", "generate", None),                        # the model's generate alone
+    ("_calculate_rewards", "rewards", None),
+    ("_get_per_token_logps_and_entropies", "old_logprobs", "no_grad_scoring"),
+    ("compute_loss", "forward", None),                     # PAPO: both forwards, masking, loss
+    ("backward", "backward", None),
+    ("_clip_grad_norm", "clip", None),
+]}
 
 
 def make_processor(tokenizer, cfg):
@@ -98,13 +177,27 @@ def run_ours(args, out_dir: str) -> list[dict]:
     cfg = load_config(None, [*ours_overrides(args), f"trainer.output_dir={out_dir}/run"])
     trainer = PAPOTrainer(cfg)
     trainer.hybrid.rollout.model.generation_config.min_new_tokens = args.tokens  # fixed-length responses
+    clock = PhaseClock()
+    clock.wrap(trainer, "encode", "encode")
+    clock.wrap(trainer, "reward", "rewards")
+    clock.wrap(trainer.hybrid.rollout.model, "generate", "generate")
+    clock.wrap(trainer.engine, "backward", "update.backward")
+    clock.wrap(trainer.engine, "step", "update.optimizer")
     steps, last = [], time.perf_counter()
     for step in range(args.steps):
         metrics = trainer.train_step(step)
         now = time.perf_counter()
         sequences = args.prompts * args.n
+        timer = {k[5:]: v for k, v in metrics.items() if k.startswith("time/") and k != "time/step"}
+        seams = clock.take()
+        detail = {**timer, **seams}
+        detail["update.forward"] = timer["update"] - seams["update.backward"] - seams["update.optimizer"]
+        rollout = seams["encode"] + sum(timer.get(k, 0.0) for k in ("rollout", "weight_sync", "offload",
+                                                                      "sync_check"))
         steps.append({"seconds": now - last, "completion_tokens": metrics["response_length"] * sequences,
-                      "phases_s": {k[5:]: v for k, v in metrics.items() if k.startswith("time/") and k != "time/step"}})
+                      "phases_s": mapped_phases(now - last, rollout, seams["rewards"] + timer["advantages"],
+                                                timer.get("old_logprobs", 0.0), timer["update"]),
+                      "detail_s": detail})
         last = now
     trainer.tracker.close()
     return steps
@@ -157,15 +250,24 @@ def run_trl(args, out_dir: str) -> list[dict]:
     def reward(completions, answer, **_):
         return [accuracy_format_reward(c[0]["content"], a)["reward"] for c, a in zip(completions, answer)]
 
+    phases = PhaseClock()
+
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.ends, self.lengths = [], []
+            self.ends, self.lengths, self.seams = [], [], []
+            self.optimizer_start = None
 
         def on_train_begin(self, *_, **__):
             self.ends.append(time.perf_counter())
 
+        def on_pre_optimizer_step(self, *_, **__):
+            self.optimizer_start = time.perf_counter()
+
         def on_step_end(self, *_, **__):
-            self.ends.append(time.perf_counter())
+            now = time.perf_counter()
+            phases.add("optimizer", now - self.optimizer_start)
+            self.ends.append(now)
+            self.seams.append(phases.take())
 
         def on_log(self, _args, _state, _control, logs=None, **__):
             if logs and "completions/mean_length" in logs:
@@ -178,11 +280,40 @@ def run_trl(args, out_dir: str) -> list[dict]:
     cls = GRPOTrainer if args.mode.startswith("trl_grpo") else PAPOTrainer
     trainer = cls(model=model, reward_funcs=reward, args=trl_config(args, out_dir), train_dataset=data,
                   processing_class=AutoProcessor.from_pretrained(args.model_dir), callbacks=[clock])
+    scoring = [False]  # inside `_generate_and_score_completions`: its no-grad log-prob passes are old / ref
+
+    def scored(fn):
+        @functools.wraps(fn)
+        def inner(*a, **k):
+            scoring[0] = True
+            try:
+                return fn(*a, **k)
+            finally:
+                scoring[0] = False
+        return inner
+
+    conditions = {None: None, "no_grad_scoring": lambda: scoring[0] and not torch.is_grad_enabled()}
+    for attr, name, when in PHASE_SEAMS["trl"]:
+        owner = model if attr == "generate" else trainer.accelerator if attr == "backward" else trainer
+        phases.wrap(owner, attr, name, when=conditions[when])
+    trainer._generate_and_score_completions = scored(trainer._generate_and_score_completions)
     trainer.train()
     if len(clock.lengths) != args.steps:
         raise RuntimeError(f"TRL logged {len(clock.lengths)} steps' completion lengths, expected {args.steps}")
-    return [{"seconds": b - a, "completion_tokens": length * args.prompts * args.n}
-            for a, b, length in zip(clock.ends, clock.ends[1:], clock.lengths)]
+    steps = []
+    for a, b, length, seams in zip(clock.ends, clock.ends[1:], clock.lengths, clock.seams):
+        missing = {"score", "rollout", "generate", "forward", "backward"} - set(seams)
+        if missing:  # a seam that never fired: trl's internals moved, and the profile would be wrong
+            raise RuntimeError(f"TRL phase seams not reached in a step: {sorted(missing)}")
+        old = seams.get("old_logprobs", 0.0)
+        update = seams["forward"] + seams["backward"] + seams.get("clip", 0.0) + seams["optimizer"]
+        detail = {**seams, "update.forward": seams["forward"], "update.backward": seams["backward"],
+                  "update.optimizer": seams.get("clip", 0.0) + seams["optimizer"]}
+        steps.append({"seconds": b - a, "completion_tokens": length * args.prompts * args.n,
+                      "phases_s": mapped_phases(b - a, seams["rollout"], seams["score"] - seams["rollout"] - old,
+                                                old, update),
+                      "detail_s": detail})
+    return steps
 
 
 def main() -> None:

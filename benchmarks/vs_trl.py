@@ -19,7 +19,10 @@ a run's step time and completion tokens/s are medians over its remaining steps; 
 over repeats, with min and max. Ratios are paired: (ours / TRL) within the same repeat, then min / median / max.
 "TRL's best" PAPO (GRPO) is whichever of trl_papo, trl_papo_malloc (trl_grpo, trl_grpo_malloc) has the higher
 median tokens/s. Headline (JSON "summary"): throughput_ratio_vs_trl = ours_papo ÷ TRL's best PAPO, completion
-tokens/s, paired median, at the last (largest) configuration. Writes <output>/vs_trl_<device>.{json,md,png}.
+tokens/s, paired median, at the last (largest) configuration. Each mode also gets a per-phase profile ("phases_s":
+rollout, rewards_advantages, old_logprobs, update, other; "detail_s": generate alone, update's forward / backward /
+optimizer; seams in trl_runner.py), tabled side by side with the difference ours PAPO − TRL's best PAPO.
+Writes <output>/vs_trl_<device>.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -38,15 +41,12 @@ from bench_device import device_name  # benchmarks/ is on sys.path: these run as
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from trl_runner import MODES, SETTINGS  # noqa: E402
+from trl_runner import MODES, PHASES, SETTINGS  # noqa: E402
 
 # distributed.keep_freed_memory's mallopt calls, as glibc environment variables
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 RUN_ENV = {"DS_ACCELERATOR": "cpu", "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "WANDB_MODE": "offline", "TRL_EXPERIMENTAL_SILENCE": "1",
-           # its own folder: .venv-trl's deepspeed builds the same op names from other paths, and two environments
-           # sharing one folder rebuild each other's ops (and a killed build leaves a lock that hangs the next)
-           "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions_trl")}
+           "WANDB_MODE": "offline", "TRL_EXPERIMENTAL_SILENCE": "1"}
 PAIRS = {  # ratio name -> (numerator mode, denominator mode or "best" group)
     "ours_papo_vs_trl_papo_best": ("ours_papo", "trl_papo_best"),
     "ours_papo_vs_trl_papo": ("ours_papo", "trl_papo"),
@@ -70,9 +70,18 @@ def parse_config(text: str) -> tuple[int, int, int]:
     return prompts, n, tokens
 
 
-def run_env(mode: str) -> dict:
+def extensions_dir(python: str) -> str:
+    """One JIT-extension folder per environment: .venv-trl's torch and deepspeed build the same op names from
+    other paths, and two environments sharing one folder rebuild each other's ops (and a killed build leaves a
+    lock that hangs the next): .cache/torch_extensions_trl for .venv-trl, .cache/torch_extensions (scripts/env.sh's)
+    for any other interpreter."""
+    venv = Path(python).parent.parent.name  # …/<venv>/bin/python, not resolved: a venv's python is a symlink
+    return str(ROOT / ".cache" / ("torch_extensions_trl" if venv == ".venv-trl" else "torch_extensions"))
+
+
+def run_env(mode: str, python: str = sys.executable) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env.update(RUN_ENV)
+    env.update(RUN_ENV, TORCH_EXTENSIONS_DIR=extensions_dir(python))
     if mode.endswith("_malloc"):
         env.update(MALLOC_ENV)
     return env
@@ -80,7 +89,7 @@ def run_env(mode: str) -> dict:
 
 def call(python: str, argv: list[str], mode: str, what: str) -> float:
     start = time.perf_counter()
-    proc = subprocess.run([python, str(ROOT / "benchmarks" / "trl_runner.py"), *argv], env=run_env(mode),
+    proc = subprocess.run([python, str(ROOT / "benchmarks" / "trl_runner.py"), *argv], env=run_env(mode, python),
                           capture_output=True, text=True, cwd=str(ROOT))
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
@@ -127,11 +136,11 @@ def summarize(runs: list[dict], args) -> dict:
                            "completion_tokens_per_s": spread([r["tokens_per_s"] for r in rs]),
                            "peak_rss_mb": spread([r["peak_rss_mb"] for r in rs]),
                            "fixed_length": all(r["fixed_length"] for r in rs), "runs": len(rs)}
-            phases = [r["steps"][args.drop:] for r in rs if "phases_s" in r["steps"][0]]
-            if phases:
-                names = phases[0][0]["phases_s"]
-                modes[mode]["phases_s"] = {p: statistics.median(s["phases_s"].get(p, 0.0) for ss in phases
-                                                                for s in ss) for p in names}
+            kept = [s for r in rs for s in r["steps"][args.drop:]]
+            for key in ("phases_s", "detail_s"):  # per phase: median over all kept steps of all runs
+                if kept and all(key in s for s in kept):
+                    names = PHASES if key == "phases_s" else sorted({p for s in kept for p in s[key]})
+                    modes[mode][key] = {p: statistics.median(s[key].get(p, 0.0) for s in kept) for p in names}
         best = {}
         for group, members in BEST.items():
             present = [m for m in members if m in modes]
@@ -165,7 +174,7 @@ def versions(python: str) -> dict:
             "def v(p):\n    try:\n        return md.version(p)\n    except md.PackageNotFoundError:\n"
             "        return 'not installed'\n"
             "print(json.dumps({p: v(p) for p in ['torch', 'transformers', 'trl', 'accelerate', 'deepspeed']}))")
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True, env=run_env(""))
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, env=run_env("", python))
     return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr.strip()[-300:]}
 
 
@@ -196,13 +205,39 @@ def table(report: dict) -> str:
         lines += ["", "| paired ratio | denominator | median [min–max] |", "|---|---|---|"]
         for ratio, r in c["ratios"].items():
             lines.append(f"| {ratio} | {r['denominator']} | {fmt(r, 2, '×')} |")
-        phases = {m: v["phases_s"] for m, v in c["modes"].items() if "phases_s" in v}
-        if phases:
-            lines.append("")
-            lines.append("Our step by phase (s, median): " + "; ".join(
-                f"{m}: " + ", ".join(f"{p} {s:.3f}" for p, s in ph.items()) for m, ph in phases.items()))
+        lines += profile_table(c)
         lines.append("")
     return "\n".join(lines)
+
+
+def profile_table(c: dict) -> list[str]:
+    """Ours and TRL's step side by side by phase (trl_runner.py's docstring defines the phases and seams)."""
+    modes = {m: v for m, v in c["modes"].items() if "phases_s" in v}
+    if not modes:
+        return []
+
+    def row(name: str, step: float, ph: dict, d: dict) -> str:
+        parts = "/".join(f"{d.get(f'update.{k}', 0.0):.3f}" for k in ("forward", "backward", "optimizer"))
+        return (f"| {name} | {step:.3f} | {ph['rollout']:.3f} | {d.get('generate', 0.0):.3f} | "
+                f"{ph['rewards_advantages']:.3f} | {ph['old_logprobs']:.3f} | {ph['update']:.3f} | {parts} | "
+                f"{ph['other']:.3f} |")
+
+    lines = ["", "Step by phase (s, median over measured steps of all runs; a phase's median and the step's need not "
+             "add up). rollout: prompt processing + generate + decode; generate: the model's `generate` alone; "
+             "update: forward (+loss) / backward / optimizer (clip, step, zero_grad); other: the rest of the step "
+             "(data, logging, metrics).", "",
+             "| mode | step | rollout | of which generate | rewards + advantages | old log-probs | update | "
+             "fwd/bwd/opt | other |", "|---|---|---|---|---|---|---|---|---|"]
+    for mode, m in modes.items():
+        lines.append(row(mode, m["step_s"]["median"], m["phases_s"], m.get("detail_s", {})))
+    best = c.get("trl_best", {}).get("trl_papo_best")
+    if "ours_papo" in modes and best in modes:
+        a, b = modes["ours_papo"], modes[best]
+        delta = {p: a["phases_s"][p] - b["phases_s"][p] for p in PHASES}
+        dd = {k: a.get("detail_s", {}).get(k, 0.0) - b.get("detail_s", {}).get(k, 0.0)
+              for k in ("generate", "update.forward", "update.backward", "update.optimizer")}
+        lines.append(row(f"ours_papo − {best}", a["step_s"]["median"] - b["step_s"]["median"], delta, dd))
+    return lines
 
 
 def chart(report: dict, path: Path) -> None:

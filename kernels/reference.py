@@ -181,7 +181,8 @@ class _ChunkedHead(torch.autograd.Function):
         dA = g_lp·(1_y − p) − g_Ha·p·(a − E_p[a]) + g_KL·p·(δ − E_p[δ])
         dB = g_lq·(1_y − q) − g_Hb·q·(b − E_q[b]) + g_KL·(q − p)
         dh_o = dA·W/τ, dh_m = dB·W/τ, dW = (dAᵀ·h_o + dBᵀ·h_m)/τ
-    Peak extra memory ~ 6·c·V floats plus an fp32 copy of W when W is bf16/fp16.
+    (branch b is not recomputed when none of its outputs receives gradient).  Peak extra memory ~ 6·c·V floats
+    plus an fp32 copy of W when W is bf16/fp16.
     """
 
     @staticmethod
@@ -208,6 +209,7 @@ class _ChunkedHead(torch.autograd.Function):
         stats = lses + (outs[2:] if two else outs[1:])
         ctx.save_for_backward(hidden, hidden_masked if two else None, weight, y, *stats)
         ctx.two, ctx.inv_t, ctx.c, ctx.dtype = two, inv_t, c, dtype
+        ctx.set_materialize_grads(False)
         return tuple(outs)
 
     @staticmethod
@@ -215,6 +217,10 @@ class _ChunkedHead(torch.autograd.Function):
         hidden, hidden_masked, weight, y, *stats = ctx.saved_tensors
         two, inv_t, c, dtype = ctx.two, ctx.inv_t, ctx.c, ctx.dtype
         need_h, need_hm, need_w = ctx.needs_input_grad[0], two and ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if two and all(grads[i] is None for i in (1, 3, 4)):
+            # branch b receives no gradient (logprobs_masked, entropy_masked, kl unused): one-branch backward
+            two, need_hm, hidden_masked = False, False, None
+            grads, stats = (grads[0], grads[2]), [stats[0], stats[1], stats[4]]   # (g_lp, g_Ha), (m_a, log s_a, H_a)
         n = hidden.shape[0]
         w = weight.to(dtype)
         g = [gg.to(dtype) if gg is not None else torch.zeros(n, dtype=dtype, device=hidden.device) for gg in grads]

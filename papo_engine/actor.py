@@ -133,17 +133,31 @@ def _select_pixel_rows(prompts, pixel_values: torch.Tensor, index: list[int]) ->
     return select_prompts(replace(prompts, pixel_values=pixel_values), index).pixel_values
 
 
-def response_token_stats(model, batch: SequenceBatch, *, both_branches: bool, temperature: float) -> dict:
+def masked_branch_hidden(model, batch: SequenceBatch) -> torch.Tensor:
+    """`response_hidden` of the masked-image branch alone, [S, R, d]: the masked pixel values in the original's
+    place. Without gradient (the authors' computation, masked_grad=false: the masked branch is a constant)."""
+    with torch.no_grad():
+        masked = SequenceBatch(replace(batch.prompts, pixel_values=batch.masked_pixel_values), batch.response_ids,
+                               batch.response_mask, prompt_group=batch.prompt_group)
+        return response_hidden(model, masked, both_branches=False)
+
+
+def response_token_stats(model, batch: SequenceBatch, *, both_branches: bool, temperature: float,
+                         masked_hidden: torch.Tensor | None = None) -> dict:
     """Per-token [S, R] tensors over response positions (0 where response_mask is 0).
 
-    Always: logprobs, entropy (full-vocabulary). With both_branches: also masked_logprobs, masked_entropy,
-    kl (exact full-vocabulary KL(π(·|I) ‖ π(·|I_mask)))."""
+    Always: logprobs, entropy (full-vocabulary). With both_branches, or with `masked_hidden` (the masked branch's
+    [S, R, d] hidden states computed elsewhere, e.g. detached by `masked_branch_hidden`; the forward then runs
+    the original branch only): also masked_logprobs, masked_entropy, kl (exact full-vocabulary
+    KL(π(·|I) ‖ π(·|I_mask))), all from one fused head call over both branches."""
     S = len(batch)
     hidden = response_hidden(model, batch, both_branches)
+    if both_branches:
+        hidden, masked_hidden = hidden[:S], hidden[S:]
     valid = batch.response_mask.bool()
     targets = batch.response_ids[valid]
-    if both_branches:
-        head = model.lm_head(hidden[:S][valid], targets=targets, hidden_masked=hidden[S:][valid],
+    if masked_hidden is not None:
+        head = model.lm_head(hidden[valid], targets=targets, hidden_masked=masked_hidden[valid],
                              temperature=temperature)
         names = ("logprobs", "masked_logprobs", "entropy", "masked_entropy", "kl")
     else:

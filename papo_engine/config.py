@@ -186,9 +186,10 @@ class TrainerConfig:
                                                 "per update); 0 = prompts_per_step, one update per rollout")
     micro_batch_size: int = _f(64, low=1, help="sequences per update micro-batch (per rank)")
     ppo_epochs: int = _f(1, low=1)
-    on_policy_reuse: bool = _f(True, help="exactly on-policy updates (ppo_epochs=1, one optimizer step per rollout, "
-                                          "masked branch with gradient): the update forward, detached, gives the old "
-                                          "log-probs; no separate no-grad pass (same numbers)")
+    on_policy_reuse: bool = _f(True, help="exactly on-policy updates (ppo_epochs=1, one optimizer step per rollout): "
+                                          "the update forward, detached, gives the old log-probs; no separate no-grad "
+                                          "pass (same numbers; masked_grad=false: a no-grad pass of the masked half "
+                                          "only, same numbers within fp32 rounding)")
     seed: int = _f(0)
     output_dir: str = _f("runs/tiny_cpu")
     eval_every: int = _f(0, low=0, help="0 = evaluate only at the end")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .actor import SequenceBatch, response_token_stats
+from .actor import SequenceBatch, masked_branch_hidden, response_token_stats
 from .old_policy import OldStats, old_policy_stats, on_policy_reuse, rollout_mismatch
 from .algorithms import LossInputs, gamma_at, group_advantages, loss_settings, overlong_penalty, papo_loss
 from .batching import repeat_prompts
@@ -118,8 +118,11 @@ class PAPOTrainer:
         a = cfg.algo
         self.masked_branch = a.gamma > 0 or (a.gamma_schedule == "linear" and a.gamma_final > 0) or a.eta_mask > 0
         # exactly on-policy: π_old is the update forward itself, detached — no separate no-grad pass (old_policy.py)
-        self.reuse_update_forward = on_policy_reuse(cfg, self.settings.masked_grad, self.masked_branch,
-                                                    self.updates_per_step)
+        self.reuse_update_forward = on_policy_reuse(cfg, self.updates_per_step)
+        # ... and no gradient through the masked branch (official): a no-grad forward of the masked half per
+        # micro-batch joins the update's head call, which gives π_old's masked-branch constants and KL
+        self.masked_forward_without_grad = (self.reuse_update_forward and self.masked_branch
+                                            and not self.settings.masked_grad)
         self.data_cursor = 0
         self.start_step, self.history, self.nonfinite_skipped, self.consecutive_skips = 0, [], 0, 0
         self.last_saved_step = None
@@ -281,7 +284,7 @@ class PAPOTrainer:
         """Sequences lo..hi-1: accumulate over micro-batches, then one optimizer step. Adds token-weighted metric
         sums to `sums` (and per-sequence perception KL to `per_seq_kl` when given)."""
         model = self.engine.module
-        both = self.settings.masked_grad and self.masked_branch  # official: no masked forward here
+        both = self.settings.masked_grad and self.masked_branch  # official: no masked forward with gradient
         valid = seqs.response_mask[lo:hi]
         global_tokens = dist_utils.all_reduce_sum(valid.sum())
         global_seqs = dist_utils.all_reduce_sum((valid.sum(1) > 0).sum())  # DAPO padding excluded
@@ -290,7 +293,9 @@ class PAPOTrainer:
         for i, (a, b) in enumerate(chunks):
             mb = seqs.slice(a, b)
             self.engine.start_micro_batch()
-            stats = response_token_stats(model, mb, both_branches=both, temperature=self.sampling.temperature)
+            masked_hidden = masked_branch_hidden(model, mb) if self.masked_forward_without_grad else None
+            stats = response_token_stats(model, mb, both_branches=both, temperature=self.sampling.temperature,
+                                         masked_hidden=masked_hidden)
             mask = mb.response_mask
             old.record(a, b, stats, mask)  # on-policy reuse: this forward, detached, is π_old (before the loss)
             # official: the masked branch's log-probs, entropy and KL are the rollout-time constants

@@ -196,6 +196,26 @@ def test_single_policy(backend):
         assert rel_err(gt.detach(), wt) <= FP32_TOL
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_detached_masked_branch_gives_the_single_policy_head(backend):
+    """On-policy reuse without masked gradient (papo_engine/old_policy.py): the update's head call takes the masked
+    branch's hidden states detached and the loss reads only the original branch's log-probs and entropy. Those
+    outputs and their gradients are the single-policy head's — bit for bit on the CPU backends, where the same
+    code runs once the masked branch (not recomputed in backward) is left out."""
+    dev = device_for(backend)
+    h, hm, w, y = make_inputs(29, 48, 1001, torch.float32, dev, seed=16)
+    h.requires_grad_(), w.requires_grad_()
+    both = fused_papo_head(h, hm, w, y, temperature=0.9, backend=backend)
+    single = fused_logprob_entropy(h, w, y, temperature=0.9, backend=backend)
+    g = torch.Generator().manual_seed(17)
+    g_lp, g_h = torch.randn(29, generator=g).to(dev), torch.randn(29, generator=g).to(dev)
+    got = torch.autograd.grad((both.logprobs * g_lp).sum() + (both.entropy * g_h).sum(), (h, w))
+    want = torch.autograd.grad((single.logprobs * g_lp).sum() + (single.entropy * g_h).sum(), (h, w))
+    tol = 0.0 if dev == "cpu" else FP32_TOL
+    for x, ref in [(both.logprobs, single.logprobs), (both.entropy, single.entropy), *zip(got, want)]:
+        assert rel_err(x.detach(), ref.detach().double()) <= tol
+
+
 @pytest.mark.skipif(not _cpp_ok(), reason="C++ backend could not be built (no compiler?)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpp_many_tiles(dtype, monkeypatch):
