@@ -39,6 +39,12 @@ class SequenceBatch:
         return SequenceBatch(select_prompts(self.prompts, list(range(start, stop))),
                              self.response_ids[start:stop], self.response_mask[start:stop], masked, group)
 
+    def to(self, device) -> "SequenceBatch":
+        """The tensors the forward reads on `device`; prompt_group (bookkeeping for Python-side indexing) stays."""
+        masked = None if self.masked_pixel_values is None else self.masked_pixel_values.to(device)
+        return SequenceBatch(self.prompts.to(device), self.response_ids.to(device), self.response_mask.to(device),
+                             masked, self.prompt_group)
+
 
 def final_hidden(model, input_ids, attention_mask, pixel_values, image_grid_thw) -> torch.Tensor:
     """Hidden states after the final norm, [batch, L, d] (no logits)."""
@@ -102,7 +108,7 @@ def _shared_prompt_hidden(model, batch: SequenceBatch, both_branches: bool) -> t
         distinct.prompts.input_ids, mm_token_type_ids(distinct.prompts.input_ids, model.config.image_token_id),
         image_grid_thw=distinct.prompts.image_grid_thw, attention_mask=distinct.prompts.attention_mask)
     start = prompt_positions.amax(dim=(0, 2))[seq_to_distinct] + 1                               # [S]
-    response_positions = (start[:, None] + torch.arange(R)) * batch.response_mask.long()       # [S, R]
+    response_positions = (start[:, None] + torch.arange(R, device=start.device)) * batch.response_mask.long()
     pixel_values, grid, copies = _branches(distinct, both_branches)
     prompt_ids = distinct.prompts.input_ids.repeat(copies, 1)
     cache = DynamicCache()
@@ -112,7 +118,7 @@ def _shared_prompt_hidden(model, batch: SequenceBatch, both_branches: bool) -> t
         image_grid_thw=grid, mm_token_type_ids=mm_token_type_ids(prompt_ids, model.config.image_token_id),
         **{_cache_kwarg(model.model): cache}, use_cache=True)
     # branch c of sequence i reads distinct prompt c·U + seq_to_distinct[i]
-    expand = torch.cat([seq_to_distinct + c * len(firsts) for c in range(copies)])
+    expand = torch.cat([seq_to_distinct + c * len(firsts) for c in range(copies)]).to(prompt_ids.device)
     cache.batch_select_indices(expand)
     response_out = model.model(
         input_ids=batch.response_ids.repeat(copies, 1), attention_mask=attention_mask.repeat(copies, 1),

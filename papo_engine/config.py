@@ -33,12 +33,16 @@ def _f(default, *, choices=None, low=None, high=None, low_open=False, high_open=
 
 @dataclass
 class ModelConfig:
-    path: str | None = _f(None, help="local Hugging Face Qwen2.5-VL directory; null builds the tiny model")
+    path: str | None = _f(None, help="local Hugging Face Qwen2.5-VL directory; null builds `architecture` from a "
+                                     "config with random weights")
+    architecture: str = _f("tiny", choices=["tiny", "qwen2.5-vl-3b", "qwen2.5-vl-7b"],
+                           help="the model built when path is null: tiny (the shape fields below) or a released "
+                                "model's architecture and vocabulary size, random weights (benchmarks)")
     dtype: str = _f("float32", choices=["float32", "bfloat16"], help="training and rollout dtype")
     attn_implementation: str = _f("auto", choices=["auto", "sdpa", "eager", "flash_attention_2"],
                                   help="auto = flash_attention_2 when flash-attn imports on CUDA, else sdpa")
     gradient_checkpointing: bool = _f(False)
-    # tiny model shape (ignored when `path` is set)
+    # tiny model shape (used when path is null and architecture=tiny)
     hidden_size: int = _f(96, low=8, help="head size hidden/num_heads: vLLM-CPU attention needs 32, 64, 80, 96, 112, 128+")
     num_layers: int = _f(2, low=1)
     num_heads: int = _f(3, low=1)
@@ -372,6 +376,9 @@ def validate(cfg: Config) -> None:
         if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("model.attn_implementation='flash_attention_2' needs CUDA and the flash-attn package "
                               "(pip install 'papo-engine[gpu]'); use auto or sdpa")
+    if cfg.model.path is not None and cfg.model.architecture != "tiny":
+        raise ConfigError(f"model.architecture={cfg.model.architecture!r} with model.path set: a checkpoint brings its "
+                          f"own architecture; set one or the other")
     if cfg.model.path is None and cfg.data.image_size % 28 != 0:
         raise ConfigError(f"data.image_size={cfg.data.image_size}: must be a multiple of 28 (2x2 patches of 14 px)")
     for key in ("train_files", "eval_files"):

@@ -48,6 +48,36 @@ def tiny_config(mcfg: ModelConfig, tokenizer) -> Qwen2_5_VLConfig:
                             vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
 
 
+# Released Qwen2.5-VL architectures (their config.json shapes and vocabulary sizes), built with random weights
+# for GPU benchmarks: the fused head's cost depends on the real vocabulary (the shipped tokenizer has 558 tokens;
+# ids it lacks decode to nothing). Special-token ids come from the shipped tokenizer, as for the tiny model.
+VISION_3B_7B = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420,
+                    fullatt_block_indexes=[7, 15, 23, 31])
+ARCHITECTURES = {
+    "qwen2.5-vl-3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                          num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-vl-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                          num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+}
+RELEASED_MAX_POSITIONS = 128000
+
+
+def released_config(name: str, tokenizer) -> Qwen2_5_VLConfig:
+    """The config of a released Qwen2.5-VL (`ARCHITECTURES`), with the shipped tokenizer's special ids."""
+    shape = dict(ARCHITECTURES[name])
+    tied = shape.pop("tie_word_embeddings")
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(**shape, max_position_embeddings=RELEASED_MAX_POSITIONS, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tied)
+    vision = dict(**VISION_3B_7B, out_hidden_size=shape["hidden_size"], window_size=112, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids(IMAGE_PAD),
+                            video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                            vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=tied)
+
+
 def load_tokenizer(mcfg: ModelConfig):
     path = Path(mcfg.path) if mcfg.path else TOKENIZER_DIR
     if not (path / "tokenizer.json").is_file():
@@ -124,7 +154,7 @@ def load_image_processor(cfg: Config) -> Qwen2VLImageProcessorPil:
 def max_positions(mcfg: ModelConfig) -> int:
     """The model's maximum sequence length (its text config's max_position_embeddings), read without weights."""
     if not mcfg.path:
-        return TINY_MAX_POSITIONS
+        return TINY_MAX_POSITIONS if mcfg.architecture == "tiny" else RELEASED_MAX_POSITIONS
     try:
         config = Qwen2_5_VLConfig.from_pretrained(mcfg.path)
     except (OSError, ValueError) as err:
@@ -166,14 +196,32 @@ def load_policy(mcfg: ModelConfig, tokenizer, seed: int = 0) -> Qwen2_5_VLForCon
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(mcfg.path, dtype=dtype, attn_implementation=attention)
     else:
         torch.manual_seed(seed)
-        config = tiny_config(mcfg, tokenizer)
-        config._attn_implementation = attention
-        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+        if mcfg.architecture == "tiny":
+            config = tiny_config(mcfg, tokenizer)
+            config._attn_implementation = attention
+            model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+        else:
+            config = released_config(mcfg.architecture, tokenizer)
+            config._attn_implementation = attention
+            model = _build_in_place(config, dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     if mcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def _build_in_place(config: Qwen2_5_VLConfig, dtype: torch.dtype) -> Qwen2_5_VLForConditionalGeneration:
+    """Billions of random parameters, initialised where they will train (the GPU when there is one) and in the
+    training dtype: no fp32 copy in host memory, no host-to-device transfer."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = Qwen2_5_VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return model.to(dtype)
 
 
 @dataclass
@@ -185,6 +233,11 @@ class PromptBatch:
     image_grid_thw: torch.Tensor   # [num_images, 3]
     images_per_prompt: list[int]
     images: list[list] | None = None  # the PIL images per prompt (rollout engines that take raw images)
+
+    def to(self, device) -> "PromptBatch":
+        """The tensors on `device` (the images stay)."""
+        return PromptBatch(self.input_ids.to(device), self.attention_mask.to(device), self.pixel_values.to(device),
+                           self.image_grid_thw.to(device), self.images_per_prompt, self.images)
 
     def patches_per_prompt(self) -> list[int]:
         rows = self.image_grid_thw.prod(-1).tolist()

@@ -70,6 +70,8 @@ class Timer:
         try:
             yield
         finally:
+            if torch.cuda.is_available():  # a phase's GPU work is counted in that phase, not the next
+                torch.cuda.synchronize()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
@@ -78,6 +80,7 @@ class PAPOTrainer:
         """`resume`: "latest" or a checkpoint folder to continue from; None starts a new run."""
         self.cfg = cfg
         self.rank, self.world = dist_utils.init_distributed()
+        self.device = dist_utils.device()  # where the update runs; rollouts, rewards and masks work on the host
         mini_batch = cfg.trainer.mini_batch_prompts or cfg.trainer.prompts_per_step
         if mini_batch % self.world:
             raise ConfigError(f"trainer.mini_batch_prompts={mini_batch} (prompts per optimizer step; "
@@ -113,16 +116,7 @@ class PAPOTrainer:
         self.hybrid = HybridEngine(self.engine, rollout, cfg)
         self.sampling = SamplingParams(cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p,
                                        cfg.rollout.max_new_tokens, seed=cfg.trainer.seed)
-        self.settings = loss_settings(cfg.algo)
-        # GRPO/DAPO (γ = η_mask = 0): no masked images, no masked branch — a true baseline, not PAPO at γ = 0
-        a = cfg.algo
-        self.masked_branch = a.gamma > 0 or (a.gamma_schedule == "linear" and a.gamma_final > 0) or a.eta_mask > 0
-        # exactly on-policy: π_old is the update forward itself, detached — no separate no-grad pass (old_policy.py)
-        self.reuse_update_forward = on_policy_reuse(cfg, self.updates_per_step)
-        # ... and no gradient through the masked branch (official): a no-grad forward of the masked half per
-        # micro-batch joins the update's head call, which gives π_old's masked-branch constants and KL
-        self.masked_forward_without_grad = (self.reuse_update_forward and self.masked_branch
-                                            and not self.settings.masked_grad)
+        self.derive_algorithm()
         self.data_cursor = 0
         self.start_step, self.history, self.nonfinite_skipped, self.consecutive_skips = 0, [], 0, 0
         self.last_saved_step = None
@@ -136,6 +130,21 @@ class PAPOTrainer:
         self.tracker = Tracker(self.out_dir, cfg.to_dict(), cfg.logging.wandb, cfg.logging.project,
                                cfg.logging.run_name, enabled=dist_utils.is_main(), resume_run_id=saved.wandb_run_id,
                                resume_step=self.start_step if self.resume_from or self.restart else None)
+
+    def derive_algorithm(self) -> None:
+        """The loss settings and the branches to run, from self.cfg.algo / trainer (called again by benchmarks
+        that time several algorithms on one model, each on its own shallow copy of the trainer)."""
+        cfg = self.cfg
+        self.settings = loss_settings(cfg.algo)
+        # GRPO/DAPO (γ = η_mask = 0): no masked images, no masked branch — a true baseline, not PAPO at γ = 0
+        a = cfg.algo
+        self.masked_branch = a.gamma > 0 or (a.gamma_schedule == "linear" and a.gamma_final > 0) or a.eta_mask > 0
+        # exactly on-policy: π_old is the update forward itself, detached — no separate no-grad pass (old_policy.py)
+        self.reuse_update_forward = on_policy_reuse(cfg, self.updates_per_step)
+        # ... and no gradient through the masked branch (official): a no-grad forward of the masked half per
+        # micro-batch joins the update's head call, which gives π_old's masked-branch constants and KL
+        self.masked_forward_without_grad = (self.reuse_update_forward and self.masked_branch
+                                            and not self.settings.masked_grad)
 
     def _dataset(self, split: str, files: list):
         """Local files when given, else the generated task's split."""
@@ -367,26 +376,27 @@ class PAPOTrainer:
         timer = Timer()
         step_start = time.perf_counter()
         batch, info = self.collect(timer)
-        seqs = batch.sequences
         with timer.phase("advantages"):
             advantages = group_advantages(batch.scores["reward"], self.sampling.n, cfg.algo.norm_adv_by_std)
             if self.masked_branch:
                 self.attach_masks(batch)
+            seqs, advantages = batch.sequences.to(self.device), advantages.to(self.device)
+            rollout_logprobs = None if batch.rollout_logprobs is None else batch.rollout_logprobs.to(self.device)
         with timer.phase("old_logprobs"):  # on-policy reuse: only the reference's pass (β > 0) runs here
-            old = self.old_stats(seqs, batch.rollout_logprobs)
+            old = self.old_stats(seqs, rollout_logprobs)
         gamma = gamma_at(step, steps, cfg.algo)
         lr = learning_rate(step, steps, cfg.optim)
         self.engine.set_lr(lr)
         with timer.phase("update"):
             upd = self.update(seqs, advantages, old, gamma)
         self.hybrid.mark_weights_updated()
-        mismatch = rollout_mismatch(old, batch.rollout_logprobs, seqs.response_mask)  # π_old is complete now
+        mismatch = rollout_mismatch(old, rollout_logprobs, seqs.response_mask)  # π_old is complete now
         per_seq_kl = upd.pop("_per_seq_kl")
         applied = upd.pop("_applied")
         self.consecutive_skips = 0 if applied else self.consecutive_skips + 1
         self.nonfinite_skipped += 0 if applied else 1
         mask = seqs.response_mask
-        valid = mask.sum(1) > 0  # DAPO padding groups have no response tokens
+        valid = batch.sequences.response_mask.sum(1) > 0  # on the host, like the scores; DAPO padding: no tokens
         tokens, sequences = float(mask.sum()), float(valid.sum())
         masked = {  # perception diagnostics exist only where the masked branch runs
             "perception_kl": (float((old["kl"] * mask).sum()), tokens),

@@ -51,7 +51,8 @@ def format_warmup(model, trainer, wcfg: WarmupConfig) -> list[dict]:
     pieces = [trainer.tokenizer.tokenize(a) for a in choices]
     if any(len(p) != 1 for p in pieces):
         raise ValueError(f"warm-up needs single-token answers; the tokenizer splits {choices} into {pieces}")
-    answer_ids = torch.tensor(trainer.tokenizer.convert_tokens_to_ids([p[0] for p in pieces]))
+    device = next(model.parameters()).device
+    answer_ids = torch.tensor(trainer.tokenizer.convert_tokens_to_ids([p[0] for p in pieces]), device=device)
     brace_id = trainer.tokenizer.convert_tokens_to_ids("{")
     for step in bar:
         samples = [trainer.train_set[rng.randrange(len(trainer.train_set))] for _ in range(wcfg.batch_size)]
@@ -59,11 +60,12 @@ def format_warmup(model, trainer, wcfg: WarmupConfig) -> list[dict]:
         # its position is scored by the answer-set loss, never by this label
         ids, mask = format_targets(trainer.tokenizer, [s.caption for s in samples],
                                    [rng.choice(choices) for _ in samples])
-        seqs = SequenceBatch(trainer.encode(samples), ids, mask)
+        ids, mask = ids.to(device), mask.to(device)
+        seqs = SequenceBatch(trainer.encode(samples), ids, mask).to(device)
         logp = torch.log_softmax(model.lm_head(response_hidden(model, seqs, both_branches=False)).float(), -1)
         token_logp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
         answer_set_logp = torch.logsumexp(logp[..., answer_ids], dim=-1)
-        is_answer = torch.isin(ids, answer_ids) & (torch.arange(ids.shape[1]) > 0) & (ids.roll(1, 1) == brace_id)
+        is_answer = torch.isin(ids, answer_ids) & (torch.arange(ids.shape[1], device=device) > 0) & (ids.roll(1, 1) == brace_id)
         per_token = torch.where(is_answer, answer_set_logp, token_logp)
         # balance: the batch-AVERAGE answer distribution should be uniform (each image's may differ)
         within = torch.softmax(logp[is_answer][:, answer_ids], dim=-1)           # [B, K]

@@ -52,7 +52,9 @@ class HFRollout:
         try:
             for start in range(0, num_prompts, per_call):
                 index = list(range(start, min(start + per_call, num_prompts)))
-                chunk = repeat_prompts(select_prompts(prompts, index), sampling.n)
+                # the module's device (under ZeRO-3 its empty shards sit there too); responses come back to the host
+                chunk = repeat_prompts(select_prompts(prompts, index), sampling.n).to(
+                    next(self.model.parameters()).device)
                 keys = None
                 if sampling.seed is not None and prompt_keys is not None:
                     keys = response_keys([prompt_keys[i] for i in index], sampling.n)
@@ -64,7 +66,7 @@ class HFRollout:
                     max_new_tokens=sampling.max_new_tokens, synced_gpus=self.synced_gpus,
                     suppress_tokens=self.suppress,
                     pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
-                pieces.append(out[:, chunk.input_ids.shape[1]:])
+                pieces.append(out[:, chunk.input_ids.shape[1]:].cpu())
         finally:
             self.model.train(was_training)
         width = max(p.shape[1] for p in pieces)

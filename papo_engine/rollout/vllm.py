@@ -374,8 +374,7 @@ class VLLMRollout:
         greedy = SamplingParams(1, 0.0, 1.0, max_new_tokens)
         mine = self.generate(one, greedy)
         device = next(module.parameters()).device  # ZeRO-3: the (empty) shard still sits on the right device
-        on_device = PromptBatch(one.input_ids.to(device), one.attention_mask.to(device), one.pixel_values.to(device),
-                                one.image_grid_thw.to(device), one.images_per_prompt, one.images)
+        on_device = one.to(device)
         theirs = HFRollout(module, self.tokenizer, batch_size=1, synced_gpus=synced_gpus).generate(on_device, greedy)
         a = mine.response_ids[0][mine.response_mask[0].bool()].tolist()
         b = theirs.response_ids[0].cpu()[theirs.response_mask[0].cpu().bool()].tolist()
