@@ -168,8 +168,9 @@ def timed_update(trainer, micro_batch: int, fused: bool) -> dict:
     n = trainer.sampling.n
     seqs, advantages = synthetic_batch(trainer, math.ceil(micro_batch / n))
     seqs, advantages = seqs.slice(0, micro_batch), advantages[:micro_batch]
-    trainer.cfg.trainer.micro_batch_size = micro_batch
-    trainer.engine.module.lm_head.fused = fused
+    head, settings = trainer.engine.module.lm_head, trainer.cfg.trainer
+    saved = head.fused, settings.micro_batch_size
+    head.fused, settings.micro_batch_size = fused, micro_batch
     try:
         sync()
         reset_peak()
@@ -181,7 +182,7 @@ def timed_update(trainer, micro_batch: int, fused: bool) -> dict:
         return {"micro_batch": micro_batch, "fused_head": fused, "seconds": time.perf_counter() - start,
                 "peak_gib": peak_gib(), "start_gib": start_gib}
     finally:
-        trainer.engine.module.lm_head.fused = True
+        head.fused, settings.micro_batch_size = saved
 
 
 def is_oom(err: BaseException) -> bool:

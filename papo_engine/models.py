@@ -31,21 +31,27 @@ def tiny_config(mcfg: ModelConfig, tokenizer) -> Qwen2_5_VLConfig:
     head_dim = mcfg.hidden_size // mcfg.num_heads
     half = head_dim // 2  # M-RoPE splits the rotary half-dimension into temporal / height / width sections
     mrope = [half - 2 * (half // 3), half // 3, half // 3]
-    ids = tokenizer.convert_tokens_to_ids
     vocab = (len(tokenizer) + 63) // 64 * 64
     text = dict(vocab_size=vocab, hidden_size=mcfg.hidden_size, intermediate_size=mcfg.intermediate_size,
                 num_hidden_layers=mcfg.num_layers, num_attention_heads=mcfg.num_heads,
                 num_key_value_heads=mcfg.num_kv_heads, max_position_embeddings=TINY_MAX_POSITIONS,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-                bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope})
     vision = dict(depth=mcfg.vision_depth, hidden_size=mcfg.vision_hidden_size, num_heads=mcfg.vision_heads,
                   intermediate_size=2 * mcfg.vision_hidden_size, out_hidden_size=mcfg.hidden_size,
-                  fullatt_block_indexes=[mcfg.vision_depth - 1], window_size=112, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2)
+                  fullatt_block_indexes=[mcfg.vision_depth - 1])
+    return _qwen_config(text, vision, tokenizer, tied=False)
+
+
+def _qwen_config(text: dict, vision: dict, tokenizer, tied: bool) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config from its text and vision shapes: the patch geometry every Qwen2.5-VL shares and the
+    tokenizer's special-token ids."""
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(**text, bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tied)
+    vision = dict(**vision, window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids(IMAGE_PAD),
                             video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                            vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
+                            vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=tied)
 
 
 # Released Qwen2.5-VL architectures (their config.json shapes and vocabulary sizes), built with random weights
@@ -66,16 +72,10 @@ def released_config(name: str, tokenizer) -> Qwen2_5_VLConfig:
     """The config of a released Qwen2.5-VL (`ARCHITECTURES`), with the shipped tokenizer's special ids."""
     shape = dict(ARCHITECTURES[name])
     tied = shape.pop("tie_word_embeddings")
-    ids = tokenizer.convert_tokens_to_ids
     text = dict(**shape, max_position_embeddings=RELEASED_MAX_POSITIONS, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-                bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tied)
-    vision = dict(**VISION_3B_7B, out_hidden_size=shape["hidden_size"], window_size=112, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2)
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids(IMAGE_PAD),
-                            video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                            vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=tied)
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+    vision = dict(**VISION_3B_7B, out_hidden_size=shape["hidden_size"], tokens_per_second=2)
+    return _qwen_config(text, vision, tokenizer, tied)
 
 
 def load_tokenizer(mcfg: ModelConfig):
@@ -196,14 +196,10 @@ def load_policy(mcfg: ModelConfig, tokenizer, seed: int = 0) -> Qwen2_5_VLForCon
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(mcfg.path, dtype=dtype, attn_implementation=attention)
     else:
         torch.manual_seed(seed)
-        if mcfg.architecture == "tiny":
-            config = tiny_config(mcfg, tokenizer)
-            config._attn_implementation = attention
-            model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
-        else:
-            config = released_config(mcfg.architecture, tokenizer)
-            config._attn_implementation = attention
-            model = _build_in_place(config, dtype)
+        tiny = mcfg.architecture == "tiny"
+        config = tiny_config(mcfg, tokenizer) if tiny else released_config(mcfg.architecture, tokenizer)
+        config._attn_implementation = attention
+        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype) if tiny else _build_in_place(config, dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     if mcfg.gradient_checkpointing:

@@ -60,12 +60,13 @@ def format_warmup(model, trainer, wcfg: WarmupConfig) -> list[dict]:
         # its position is scored by the answer-set loss, never by this label
         ids, mask = format_targets(trainer.tokenizer, [s.caption for s in samples],
                                    [rng.choice(choices) for _ in samples])
-        ids, mask = ids.to(device), mask.to(device)
         seqs = SequenceBatch(trainer.encode(samples), ids, mask).to(device)
+        ids, mask = seqs.response_ids, seqs.response_mask
         logp = torch.log_softmax(model.lm_head(response_hidden(model, seqs, both_branches=False)).float(), -1)
         token_logp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
         answer_set_logp = torch.logsumexp(logp[..., answer_ids], dim=-1)
-        is_answer = torch.isin(ids, answer_ids) & (torch.arange(ids.shape[1], device=device) > 0) & (ids.roll(1, 1) == brace_id)
+        is_answer = (torch.isin(ids, answer_ids) & (torch.arange(ids.shape[1], device=device) > 0)
+                     & (ids.roll(1, 1) == brace_id))
         per_token = torch.where(is_answer, answer_set_logp, token_logp)
         # balance: the batch-AVERAGE answer distribution should be uniform (each image's may differ)
         within = torch.softmax(logp[is_answer][:, answer_ids], dim=-1)           # [B, K]
