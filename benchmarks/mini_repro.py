@@ -50,9 +50,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = {"grpo": ["algo.gamma=0"], "papo_g": []}
 SPLITS = ("hint_right", "hint_wrong")
-# no checkpoints, plots or W&B: the JSON is the record
+# no checkpoints, plots or W&B: the JSON is the record. The warm-start teaches no perception of the colour (no
+# attribute probe), as when the committed results were measured: here the question is whether RL learns to look.
 COMMON = ["trainer.save_every=0", "trainer.save_final=false", "logging.wandb=false", "logging.plot=false",
-          "trainer.eval_every=0", "trainer.eval_samples=1"]
+          "trainer.eval_every=0", "trainer.eval_samples=1", "warmup.answer_balance=batch",
+          "warmup.attribute_probe=false"]
 TRAIN_KEYS = ("reward", "accuracy", "format", "perception_kl", "perception_reliance_mean", "time/step")
 EVAL_KEY_OFFSET = 10_000_000  # mask keys of held-out items, far from any training prompt's key
 EVAL_MASK_SEED = 0

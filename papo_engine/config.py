@@ -166,6 +166,10 @@ class WarmupConfig:
     steps: int = _f(200, low=0, help="0 disables the stage")
     batch_size: int = _f(32, low=1)
     lr: float = _f(2e-3, low=0.0, low_open=True)
+    answer_balance: str = _f("image", choices=["image", "batch"],
+                             help="answers kept uniform for every image, or only on average over the batch")
+    attribute_probe: bool = _f(True, help="a linear probe (discarded afterwards) reads the asked attribute from the "
+                                          "answer position: the model perceives it; the LM head is not taught it")
 
 
 @dataclass
