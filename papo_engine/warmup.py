@@ -55,6 +55,20 @@ def answer_balance(within: torch.Tensor, over: str) -> torch.Tensor:
     return -torch.log(rows).mean() - math.log(within.shape[1])
 
 
+def answer_token_ids(tokenizer, choices: list[str]) -> list[int]:
+    """The one token of each answer (the warm-start scores the answer position as a single token)."""
+    pieces = [tokenizer.tokenize(a) for a in choices]
+    if any(len(p) != 1 for p in pieces):
+        raise ValueError(f"warm-up needs single-token answers; the tokenizer splits {choices} into {pieces}")
+    return tokenizer.convert_tokens_to_ids([p[0] for p in pieces])
+
+
+def answer_positions(ids: torch.Tensor, answer_ids: torch.Tensor, brace_id: int) -> torch.Tensor:
+    """[B, R] bool: the answer token inside `\\boxed{…}` (an answer id right after "{")."""
+    after_brace = (ids.roll(1, 1) == brace_id) & (torch.arange(ids.shape[1], device=ids.device) > 0)
+    return torch.isin(ids, answer_ids) & after_brace
+
+
 def format_warmup(model, trainer, wcfg: WarmupConfig) -> list[dict]:
     """Runs before DeepSpeed wraps the model; every rank runs the same seeded stage, so weights stay equal."""
     cfg = trainer.cfg
@@ -66,10 +80,7 @@ def format_warmup(model, trainer, wcfg: WarmupConfig) -> list[dict]:
     model.train()
     log = []
     bar = tqdm(range(wcfg.steps), desc="format warm-up", disable=not dist_utils.is_main(), dynamic_ncols=True)
-    pieces = [trainer.tokenizer.tokenize(a) for a in choices]
-    if any(len(p) != 1 for p in pieces):
-        raise ValueError(f"warm-up needs single-token answers; the tokenizer splits {choices} into {pieces}")
-    answer_ids = torch.tensor(trainer.tokenizer.convert_tokens_to_ids([p[0] for p in pieces]), device=device)
+    answer_ids = torch.tensor(answer_token_ids(trainer.tokenizer, choices), device=device)
     brace_id = trainer.tokenizer.convert_tokens_to_ids("{")
     for step in bar:
         samples = [trainer.train_set[rng.randrange(len(trainer.train_set))] for _ in range(wcfg.batch_size)]
@@ -83,8 +94,7 @@ def format_warmup(model, trainer, wcfg: WarmupConfig) -> list[dict]:
         logp = torch.log_softmax(model.lm_head(hidden).float(), -1)
         token_logp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
         answer_set_logp = torch.logsumexp(logp[..., answer_ids], dim=-1)
-        is_answer = (torch.isin(ids, answer_ids) & (torch.arange(ids.shape[1], device=device) > 0)
-                     & (ids.roll(1, 1) == brace_id))
+        is_answer = answer_positions(ids, answer_ids, brace_id)
         per_token = torch.where(is_answer, answer_set_logp, token_logp)
         within = torch.softmax(logp[is_answer][:, answer_ids], dim=-1)           # [B, K]
         loss = -(per_token * mask).sum() / mask.sum() + answer_balance(within, wcfg.answer_balance)

@@ -10,7 +10,7 @@ from papo_engine.actor import SequenceBatch, response_hidden
 from papo_engine.config import load_config
 from papo_engine.data import ANSWERS, GeneratedDataset
 from papo_engine.models import encode_prompts, load_image_processor, load_policy, load_tokenizer
-from papo_engine.warmup import answer_balance, format_targets, format_warmup
+from papo_engine.warmup import answer_balance, answer_positions, answer_token_ids, format_targets, format_warmup
 
 
 def test_answer_balance_by_hand():
@@ -28,10 +28,10 @@ def test_answer_balance_by_hand():
     assert answer_balance(same, "batch").item() == pytest.approx(per_image, rel=1e-6)
 
 
-def _answer_position(seed: int, overrides: list[str]):
+def _answer_position(seed: int):
     """Warm up a tiny policy; return the held-out hidden states that predict the answer token, the policy's answer
     distribution there, the true colours, and the policy's parameter names."""
-    cfg = load_config(None, [f"trainer.seed={seed}", *overrides])
+    cfg = load_config(None, [f"trainer.seed={seed}"])
     tokenizer, image_processor = load_tokenizer(cfg.model), load_image_processor(cfg)
     model = load_policy(cfg.model, tokenizer, seed=seed)
     names = [n for n, _ in model.named_parameters()]
@@ -44,10 +44,10 @@ def _answer_position(seed: int, overrides: list[str]):
     held_out = GeneratedDataset("shape_color", "eval", 256, cfg.data.seed, cfg.data.image_size)
     samples = [held_out[i] for i in range(len(held_out))]
     ids, mask = format_targets(tokenizer, [s.caption for s in samples], [choices[0]] * len(samples))
-    answer_ids = torch.tensor(tokenizer.convert_tokens_to_ids([tokenizer.tokenize(a)[0] for a in choices]))
+    answer_ids = torch.tensor(answer_token_ids(tokenizer, choices))
     with torch.no_grad():
         hidden = response_hidden(model.eval(), SequenceBatch(trainer.encode(samples), ids, mask), both_branches=False)
-        at_answer = torch.isin(ids, answer_ids) & (ids.roll(1, 1) == tokenizer.convert_tokens_to_ids("{"))
+        at_answer = answer_positions(ids, answer_ids, tokenizer.convert_tokens_to_ids("{"))
         hidden = hidden[at_answer].float()
         answers = torch.softmax(model.lm_head(hidden)[:, answer_ids].float(), -1)
     colours = torch.tensor([choices.index(s.answer) for s in samples])
@@ -64,7 +64,8 @@ def _probe_accuracy(hidden, colours) -> float:
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x[:half] @ weight + bias, colours[:half]) + 1e-3 * weight.square().sum()
+        fit = torch.nn.functional.cross_entropy(x[:half] @ weight + bias, colours[:half])
+        loss = fit + 1e-3 * weight.square().sum()
         loss.backward()
         return loss
     opt.step(closure)
@@ -73,7 +74,7 @@ def _probe_accuracy(hidden, colours) -> float:
 
 def test_attribute_probe_teaches_perception_not_the_answer():
     torch.manual_seed(0)
-    hidden, answers, colours, names_before, names_after = _answer_position(seed=1, overrides=[])  # 200 steps
+    hidden, answers, colours, names_before, names_after = _answer_position(seed=1)  # 200 steps
     assert names_after == names_before  # the probe is not left in the model
     # the colour is readable at the answer position (chance 0.25; 0.36 without the probe, seed 1, measured)...
     assert _probe_accuracy(hidden, colours) >= 0.95
