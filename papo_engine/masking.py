@@ -22,7 +22,10 @@ repeat rows with `repeat_for_rollouts` — `mask_per_prompt` does both. Use a fr
 Raw space (`mask.space=raw`, the authors' `random_patch_blackening`): square_px × square_px squares of the RAW
 image, anchored at its top-left corner (the last row/column of squares may be partial), each set to black with
 probability `ratio`; the masked images then go through the same image processor as the originals. Their
-squares do not line up with the model's 14-px patches once the processor resizes the image.
+squares do not line up with the model's 14-px patches once the processor resizes the image. An RGB image the
+processor takes at its own size (no resize: every step is per pixel up to the patch layout) is masked in place in
+the original's pixel_values instead, with the processor's own value for a black pixel — exactly what the second
+processor pass would give (tested), without it.
 """
 from __future__ import annotations
 
@@ -174,6 +177,15 @@ def mask_per_prompt(pixel_values: Tensor, image_grid_thw: Tensor, n: int, ratio:
     return masked_rep, thw_rep, unit_mask
 
 
+def _draw_squares(height: int, width: int, ratio: float, square_px: int, generator: torch.Generator | None
+                  ) -> tuple[Tensor, Tensor]:
+    """The authors' square draw: (square_mask BoolTensor [rows, cols], pixel_mask BoolTensor [height, width])."""
+    rows, cols = -(-height // square_px), -(-width // square_px)
+    square_mask = (torch.rand(rows * cols, generator=generator) < ratio).view(rows, cols)
+    pixel_mask = square_mask.repeat_interleave(square_px, 0).repeat_interleave(square_px, 1)[:height, :width]
+    return square_mask, pixel_mask
+
+
 def blacken_raw_squares(image: Image.Image, ratio: float, square_px: int = 14,
                         generator: torch.Generator | None = None) -> tuple[Image.Image, Tensor]:
     """The authors' masking on a raw PIL image; returns (masked image, square_mask BoolTensor [rows, cols]).
@@ -191,43 +203,92 @@ def blacken_raw_squares(image: Image.Image, ratio: float, square_px: int = 14,
         raise ValueError(f"square_px={square_px}: must be >= 1")
     work = image if image.mode == "RGB" else image.convert("RGBA")
     pixels = np.array(work)  # a copy: [H, W, C]
-    height, width = pixels.shape[:2]
-    rows, cols = -(-height // square_px), -(-width // square_px)
-    square_mask = torch.rand(rows * cols, generator=generator) < ratio
-    grid = square_mask.view(rows, cols).numpy()
-    pixel_mask = np.repeat(np.repeat(grid, square_px, axis=0), square_px, axis=1)[:height, :width]
+    square_mask, pixel_mask = _draw_squares(pixels.shape[0], pixels.shape[1], ratio, square_px, generator)
+    pixel_mask = pixel_mask.numpy()
     pixels[pixel_mask] = 0
     if pixels.shape[2] == 4:
         pixels[pixel_mask, 3] = 255  # opaque: a transparent square would be composited to white
-    return Image.fromarray(pixels, mode=work.mode), square_mask.view(rows, cols)
+    return Image.fromarray(pixels, mode=work.mode), square_mask
+
+
+def _taken_at_own_size(image: Image.Image, thw: Tensor, patch: int) -> bool:
+    """Whether the processor took this RGB image at its own size (grid × patch = the image): then processing it is
+    per pixel up to the patch layout, and a masked copy can be made in its pixel_values rows."""
+    t, h, w = (int(v) for v in thw)
+    return image.mode == "RGB" and t == 1 and image.size == (w * patch, h * patch)
+
+
+def _pixels_to_rows(values: Tensor, temporal: int, patch: int, merge: int) -> Tensor:
+    """Per-pixel values [C, H, W] in the processor's pixel_values layout [h·w, C·T·P·P] (the image repeated over T
+    frames; rows ordered (h/m, w/m, m, m); each row a flattened [C, T, P, P] block)."""
+    channels, height, width = values.shape
+    h, w = height // patch, width // patch
+    frames = values.unsqueeze(0).expand(temporal, channels, height, width).reshape(
+        temporal, channels, h // merge, merge, patch, w // merge, merge, patch)
+    return frames.permute(2, 5, 3, 6, 1, 0, 4, 7).reshape(h * w, channels * temporal * patch * patch)
+
+
+def _blacken_rows(rows: Tensor, pixel_mask: Tensor, black_rows: Tensor, image_processor) -> Tensor:
+    """One image's pixel_values `rows` with the pixels of `pixel_mask` [H, W] taken from `black_rows` (the
+    processor's pixel_values of an all-black image of the same size)."""
+    temporal, patch = image_processor.temporal_patch_size, image_processor.patch_size
+    channels = black_rows.shape[1] // (temporal * patch * patch)
+    where = _pixels_to_rows(pixel_mask.expand(channels, -1, -1), temporal, patch, image_processor.merge_size)
+    return torch.where(where, black_rows.to(rows.dtype), rows)
 
 
 def mask_raw_per_prompt(images: Sequence[Sequence[Image.Image]], image_grid_thw: Tensor, n: int, ratio: float,
-                        square_px: int, image_processor, generators: Sequence[torch.Generator]
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+                        square_px: int, image_processor, generators: Sequence[torch.Generator],
+                        pixel_values: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Raw-space counterpart of `mask_per_prompt`: prompt g's images are masked with generators[g] (one mask
     per prompt, shared by its n rollouts), processed by `image_processor` like the originals, then repeated.
 
     `image_grid_thw` is the ORIGINAL images' grid: the masked images must produce the same one (same size, same
     resize), else a ValueError — original and masked sequences must share their token layout.
+    `pixel_values`, the originals' rows (optional): an RGB image taken at its own size is masked in them, with the
+    processor's pixel_values of an all-black image of that size as the fill — the same values as the processor
+    pass, which then runs only for the other images.
     Returns (masked pixel_values repeated [n·num_patches, D], image_grid_thw repeated, the concatenated square
     masks of all images [num_squares]).
     """
     if len(generators) != len(images):
         raise ValueError(f"{len(generators)} generators for {len(images)} prompts")
-    masked, squares = [], []
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio={ratio}: must be in [0, 1]")
+    if square_px < 1:
+        raise ValueError(f"square_px={square_px}: must be >= 1")
+    patch = getattr(image_processor, "patch_size", 0)
+    rows_per_image = image_grid_thw.prod(dim=-1).tolist()
+    starts = [sum(rows_per_image[:i]) for i in range(len(rows_per_image))]
+    pieces: list[Tensor | None] = []    # per image: its masked rows, or None when the processor makes them
+    to_process, processed_images, squares, black = [], [], [], {}
+    index = 0
     for gen, prompt_images in zip(generators, images):
         for image in prompt_images:
-            out, square_mask = blacken_raw_squares(image, ratio, square_px, gen)
-            masked.append(out)
+            if pixel_values is not None and patch and _taken_at_own_size(image, image_grid_thw[index], patch):
+                square_mask, pixel_mask = _draw_squares(image.height, image.width, ratio, square_px, gen)
+                if image.size not in black:
+                    black[image.size] = image_processor(images=[Image.new("RGB", image.size)],
+                                                        return_tensors="pt")["pixel_values"]
+                rows = pixel_values[starts[index]:starts[index] + rows_per_image[index]]
+                pieces.append(_blacken_rows(rows, pixel_mask, black[image.size], image_processor))
+            else:
+                out, square_mask = blacken_raw_squares(image, ratio, square_px, gen)
+                pieces.append(None)
+                to_process.append(out)
+                processed_images.append(index)
             squares.append(square_mask.flatten())
-    vision = image_processor(images=masked, return_tensors="pt")
-    if not torch.equal(vision["image_grid_thw"], image_grid_thw.to(vision["image_grid_thw"].dtype)):
-        raise ValueError(f"raw-masked images give image_grid_thw {vision['image_grid_thw'].tolist()}, the originals "
-                         f"{image_grid_thw.tolist()}: they must be processed alike")
-    pixel_values, thw = repeat_for_rollouts(vision["pixel_values"], image_grid_thw, n,
-                                            [len(x) for x in images])
-    return pixel_values, thw, torch.cat(squares)
+            index += 1
+    if to_process:
+        vision = image_processor(images=to_process, return_tensors="pt")
+        want = image_grid_thw[processed_images]
+        if not torch.equal(vision["image_grid_thw"], want.to(vision["image_grid_thw"].dtype)):
+            raise ValueError(f"raw-masked images give image_grid_thw {vision['image_grid_thw'].tolist()}, the "
+                             f"originals {want.tolist()}: they must be processed alike")
+        processed = iter(vision["pixel_values"].split([rows_per_image[i] for i in processed_images]))
+        pieces = [next(processed) if piece is None else piece for piece in pieces]
+    masked, thw = repeat_for_rollouts(torch.cat(pieces), image_grid_thw, n, [len(x) for x in images])
+    return masked, thw, torch.cat(squares)
 
 
 def mask_prompts(mask_cfg, prompts, keys: Sequence[int], n: int, seed: int, image_processor
@@ -241,7 +302,7 @@ def mask_prompts(mask_cfg, prompts, keys: Sequence[int], n: int, seed: int, imag
         if prompts.images is None:
             raise ValueError("mask.space=raw needs the prompts' raw images (PromptBatch.images is None)")
         masked, _, drawn = mask_raw_per_prompt(prompts.images, prompts.image_grid_thw, n, mask_cfg.ratio,
-                                               mask_cfg.square_px, image_processor, generators)
+                                               mask_cfg.square_px, image_processor, generators, prompts.pixel_values)
         return masked.to(prompts.pixel_values.dtype), drawn
     masked, _, drawn = mask_per_prompt(prompts.pixel_values, prompts.image_grid_thw, n, mask_cfg.ratio, mask_cfg.unit,
                                        mask_cfg.fill, image_processor.image_mean, image_processor.image_std,

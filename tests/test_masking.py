@@ -342,3 +342,44 @@ def test_mask_prompts_dispatches_on_space_with_key_seeded_generators():
     with pytest.raises(ValueError, match="raw images"):
         mask_prompts(MaskConfig(space="raw"), SimpleNamespace(**{**prompts.__dict__, "images": None}), keys, 2,
                      seed, processor)
+
+
+class _CountingProcessor:
+    """A real processor that records how many images each call processes."""
+
+    def __init__(self, processor):
+        self.processor, self.calls = processor, []
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+    def __call__(self, images, **kwargs):
+        self.calls.append(len(images))
+        return self.processor(images=images, **kwargs)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.6, 1.0])
+def test_raw_mask_in_the_originals_rows_equals_the_processor_pass(ratio):
+    """RGB images the processor takes at their own size are masked in the original pixel_values (no second
+    processor pass for them); the result is bit for bit the processor's on the masked images. Resized and
+    non-RGB images in the same batch still go through the processor."""
+    processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=20000)
+    rgba = Image.fromarray(np.concatenate([_image(seed=20, h=56, w=56), np.full((56, 56, 1), 200, np.uint8)], 2),
+                           mode="RGBA")
+    images = [[Image.fromarray(_image(seed=21, h=56, w=56))],
+              [Image.fromarray(_image(seed=22, h=84, w=112)), Image.fromarray(_image(seed=23, h=50, w=61))],
+              [rgba], [Image.fromarray(_image(seed=24, h=112, w=56))]]
+    flat = [im for ims in images for im in ims]
+    pv, thw = _process(processor, [np.array(im) for im in flat])
+
+    def gens():
+        return [torch.Generator().manual_seed(30 + k) for k in range(len(images))]
+
+    want, want_thw, want_squares = mask_raw_per_prompt(images, thw, 2, ratio, 14, processor, gens())
+    counting = _CountingProcessor(processor)
+    got, got_thw, got_squares = mask_raw_per_prompt(images, thw, 2, ratio, 14, counting, gens(), pixel_values=pv)
+    assert torch.equal(got, want) and torch.equal(got_thw, want_thw) and torch.equal(got_squares, want_squares)
+    # three in place (one all-black image per size: 56x56, 84x112, 56x112), the resized and the RGBA one processed
+    assert sorted(counting.calls) == [1, 1, 1, 2]
+    if ratio == 0.6:
+        assert want_squares.any() and not want_squares.all()

@@ -117,20 +117,26 @@ def test_reuse_gives_the_same_run_bit_for_bit(tmp_path, monkeypatch, mode):
     assert with_reuse[3].reuse_update_forward
 
 
-@pytest.mark.parametrize("mode", list(MASKED_NO_GRAD))
-def test_reuse_without_masked_gradient_matches_the_separate_pass(tmp_path, monkeypatch, mode):
-    """official and masked_grad=false, 3 steps: with the lever the separate 2B-sequence pass is gone and a no-grad
-    forward of the masked half (B sequences) runs per micro-batch in the update; the update's head call over both
-    branches gives π_old (masked constants and the full-vocabulary perception KL). Not bit for bit by construction
-    (other batch shapes: a GEMM may block differently), so parameters and every logged metric must agree within
-    MASKED_NO_GRAD_RTOL; on the 2-core CPU test machine, one thread, they came out identical."""
-    with_reuse = _run(tmp_path, monkeypatch, True, *MASKED_NO_GRAD[mode])
-    without = _run(tmp_path, monkeypatch, False, *MASKED_NO_GRAD[mode])
+@pytest.mark.parametrize("mode, no_grad_size, passes", [
+    ("official", 0, [16]),               # default: 2 micro-batches of 8 -> one pass over the optimizer step's 16
+    ("official", 5, [5, 5, 5, 1]),       # passes that straddle the micro-batches
+    ("masked_grad_false", 8, [8, 8]),    # one per micro-batch
+])
+def test_reuse_without_masked_gradient_matches_the_separate_pass(tmp_path, monkeypatch, mode, no_grad_size, passes):
+    """official and masked_grad=false, 3 steps: with the lever the separate 2B-sequence pass is gone and no-grad
+    forwards of the masked half (trainer.no_grad_micro_batch_size sequences each) run in the update before its
+    micro-batches; the update's head calls over both branches give π_old (masked constants and the
+    full-vocabulary perception KL). Not bit for bit by construction (other batch shapes: a GEMM may block
+    differently), so parameters and every logged metric must agree within MASKED_NO_GRAD_RTOL; on the 2-core CPU
+    test machine, one thread, they came out identical."""
+    size = f"trainer.no_grad_micro_batch_size={no_grad_size}"
+    with_reuse = _run(tmp_path, monkeypatch, True, *MASKED_NO_GRAD[mode], size)
+    without = _run(tmp_path, monkeypatch, False, *MASKED_NO_GRAD[mode], size)
     rows = with_reuse[0]
     assert all(r["grad_norm"] > 0 and r["nonfinite/skipped_step"] == 0 for r in rows)
     assert all(r["perception_kl"] > 0 and r["masked_entropy"] > 0 for r in rows)  # diagnostics from π_old
     assert with_reuse[2] == 0 and without[2] == 2 * len(rows)   # the separate 2B pass: gone
-    assert with_reuse[4] == [8] * 2 * len(rows) and without[4] == []  # the masked half of each micro-batch of 8
+    assert with_reuse[4] == passes * len(rows) and without[4] == []  # the masked half, in passes of that size
     assert with_reuse[3].masked_forward_without_grad and not without[3].masked_forward_without_grad
     _assert_close_run(with_reuse, without, mode)
 
