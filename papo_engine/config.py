@@ -194,9 +194,9 @@ class TrainerConfig:
                                                 "per update); 0 = prompts_per_step, one update per rollout")
     micro_batch_size: int = _f(64, low=1, help="sequences per update micro-batch (per rank)")
     no_grad_micro_batch_size: int = _f(0, low=0, help="sequences per no-grad forward of the masked branch inside "
-                                                      "the update (masked_grad=false, on-policy reuse; per rank); "
-                                                      "0 = 2 x micro_batch_size: a no-grad forward keeps no "
-                                                      "activations for the backward")
+                                                      "the update (masked_grad=false, on-policy reuse; per rank), "
+                                                      "in whole micro-batches (at least one); 0 = 2 x "
+                                                      "micro_batch_size: a no-grad forward keeps no activations")
     ppo_epochs: int = _f(1, low=1)
     on_policy_reuse: bool = _f(True, help="exactly on-policy updates (ppo_epochs=1, one optimizer step per rollout): "
                                           "the update forward, detached, gives the old log-probs; no separate no-grad "

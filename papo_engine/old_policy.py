@@ -12,12 +12,13 @@ Two ways to get π_old:
   for bit, one forward over the batch (both branches) less. The reference model's pass (β > 0) still runs.
   Without gradient through the masked branch (the authors' computation, `official` / masked_grad=false) the update
   forward runs the original branch only, and the masked branch's log-probs and entropy are no-grad constants; the
-  full-vocabulary KL diagnostic (logged as perception_kl) needs both branches in one head call. So before each
-  optimizer step's micro-batches, no-grad forwards of the masked half (`actor.masked_branch_hidden`: hidden states
-  [S, R, d], no logits; `trainer.no_grad_micro_batch_size` sequences each, 2 micro-batches by default — the
-  weights do not change before the step) run, and each micro-batch's fused head takes both — the original branch with gradient,
-  the masked one detached — giving π_old's five statistics in one call; the loss takes only the original branch's
-  outputs with gradient (the masked ones are recorded detached), so the head's backward skips the masked branch.
+  full-vocabulary KL diagnostic (logged as perception_kl) needs both branches in one head call. So in the update,
+  no-grad forwards of the masked half (`actor.masked_branch_hidden`: hidden states [S, R, d], no logits; each
+  over `trainer.no_grad_micro_batch_size` sequences in whole micro-batches, 2 by default — the weights do not
+  change before the optimizer step) run as the micro-batches reach them, and each micro-batch's fused head takes
+  both — the original branch with gradient, the masked one detached — giving π_old's five statistics in one call;
+  the loss takes only the original branch's outputs with gradient (the masked ones are recorded detached), so the
+  head's backward skips the masked branch.
   Half of the separate pass is gone, and the head runs once over both branches instead of twice. Not bit for bit
   the separate pass by construction (B instead of 2B sequences per forward, which a GEMM may block differently):
   equal within fp32 rounding, tested to 1e-6 relative over 3 steps (identical in those CPU tests).

@@ -141,8 +141,8 @@ class PAPOTrainer:
         self.masked_branch = a.gamma > 0 or (a.gamma_schedule == "linear" and a.gamma_final > 0) or a.eta_mask > 0
         # exactly on-policy: π_old is the update forward itself, detached — no separate no-grad pass (old_policy.py)
         self.reuse_update_forward = on_policy_reuse(cfg, self.updates_per_step)
-        # ... and no gradient through the masked branch (official): no-grad forwards of the masked half before each
-        # optimizer step feed the update's head calls, which give π_old's masked-branch constants and KL
+        # ... and no gradient through the masked branch (official): no-grad forwards of the masked half (a few
+        # micro-batches each) feed the update's head calls, which give π_old's masked-branch constants and KL
         self.masked_forward_without_grad = (self.reuse_update_forward and self.masked_branch
                                             and not self.settings.masked_grad)
 
@@ -288,13 +288,18 @@ class PAPOTrainer:
         out["_per_seq_kl"] = torch.cat(per_seq_kl) if per_seq_kl else torch.zeros(0)
         return out
 
-    def masked_hidden_without_grad(self, seqs: SequenceBatch, lo: int, hi: int) -> torch.Tensor:
-        """The masked branch's response hidden states [hi - lo, R, d] for sequences lo..hi-1 (official, on-policy:
-        the weights do not change before this optimizer step), by no-grad forwards of no_grad_micro_batch_size
-        sequences — fewer, larger calls than one per micro-batch."""
+    def masked_hidden_without_grad(self, seqs: SequenceBatch, chunks: list[tuple[int, int]], i: int,
+                                   held: tuple[int, torch.Tensor] | None) -> tuple[int, torch.Tensor]:
+        """(first row, hidden states [rows, R, d]) of the masked branch covering micro-batch `chunks[i]` (official,
+        on-policy: the weights do not change before this optimizer step). One no-grad forward covers
+        no_grad_micro_batch_size // micro_batch_size micro-batches (at least one): fewer, larger calls, and only
+        those micro-batches' hidden states are held at a time. `held` is the previous call's result."""
         size = self.cfg.trainer.no_grad_micro_batch_size or 2 * self.cfg.trainer.micro_batch_size
-        return torch.cat([masked_branch_hidden(self.engine.module, seqs.slice(s, min(s + size, hi)))
-                          for s in range(lo, hi, size)])
+        per_pass = max(1, size // self.cfg.trainer.micro_batch_size)
+        if i % per_pass and held is not None:
+            return held
+        first, last = chunks[i][0], chunks[min(i + per_pass, len(chunks)) - 1][1]
+        return first, masked_branch_hidden(self.engine.module, seqs.slice(first, last))
 
     def _optimizer_step(self, seqs: SequenceBatch, lo: int, hi: int, advantages: torch.Tensor, old: OldStats,
                         gamma: float, sums: dict, per_seq_kl: list | None) -> tuple[float, bool]:
@@ -306,13 +311,15 @@ class PAPOTrainer:
         global_tokens = dist_utils.all_reduce_sum(valid.sum())
         global_seqs = dist_utils.all_reduce_sum((valid.sum(1) > 0).sum())  # DAPO padding excluded
         chunks = self.micro_batches(lo, hi)
-        masked_hidden = self.masked_hidden_without_grad(seqs, lo, hi) if self.masked_forward_without_grad else None
+        held = None  # official: the masked branch's no-grad hidden states (first row, tensor)
         loss_finite = True
         for i, (a, b) in enumerate(chunks):
             mb = seqs.slice(a, b)
             self.engine.start_micro_batch()
+            if self.masked_forward_without_grad:
+                held = self.masked_hidden_without_grad(seqs, chunks, i, held)
             stats = response_token_stats(model, mb, both_branches=both, temperature=self.sampling.temperature,
-                                         masked_hidden=None if masked_hidden is None else masked_hidden[a - lo:b - lo])
+                                         masked_hidden=None if held is None else held[1][a - held[0]:b - held[0]])
             mask = mb.response_mask
             old.record(a, b, stats, mask)  # on-policy reuse: this forward, detached, is π_old (before the loss)
             # official: the masked branch's log-probs, entropy and KL are the rollout-time constants

@@ -117,27 +117,27 @@ def test_reuse_gives_the_same_run_bit_for_bit(tmp_path, monkeypatch, mode):
     assert with_reuse[3].reuse_update_forward
 
 
-@pytest.mark.parametrize("mode, no_grad_size, passes", [
-    ("official", 0, [16]),               # default: 2 micro-batches of 8 -> one pass over the optimizer step's 16
-    ("official", 5, [5, 5, 5, 1]),       # passes that straddle the micro-batches
-    ("masked_grad_false", 8, [8, 8]),    # one per micro-batch
+@pytest.mark.parametrize("mode, overrides, passes", [
+    ("official", [], [16]),  # default: two micro-batches of 8 per pass -> one pass over the step's 16
+    # whole micro-batches of 4 per pass: 12 -> 3 of them, then the remaining one
+    ("official", ["trainer.micro_batch_size=4", "trainer.no_grad_micro_batch_size=12"], [12, 4]),
+    ("masked_grad_false", ["trainer.no_grad_micro_batch_size=8"], [8, 8]),  # one per micro-batch
 ])
-def test_reuse_without_masked_gradient_matches_the_separate_pass(tmp_path, monkeypatch, mode, no_grad_size, passes):
+def test_reuse_without_masked_gradient_matches_the_separate_pass(tmp_path, monkeypatch, mode, overrides, passes):
     """official and masked_grad=false, 3 steps: with the lever the separate 2B-sequence pass is gone and no-grad
-    forwards of the masked half (trainer.no_grad_micro_batch_size sequences each) run in the update before its
-    micro-batches; the update's head calls over both branches give π_old (masked constants and the
-    full-vocabulary perception KL). Not bit for bit by construction (other batch shapes: a GEMM may block
-    differently), so parameters and every logged metric must agree within MASKED_NO_GRAD_RTOL; on the 2-core CPU
-    test machine, one thread, they came out identical."""
-    size = f"trainer.no_grad_micro_batch_size={no_grad_size}"
-    with_reuse = _run(tmp_path, monkeypatch, True, *MASKED_NO_GRAD[mode], size)
-    without = _run(tmp_path, monkeypatch, False, *MASKED_NO_GRAD[mode], size)
+    forwards of the masked half (trainer.no_grad_micro_batch_size sequences each, in whole micro-batches) run in
+    the update as its micro-batches reach them; the update's head calls over both branches give π_old (masked
+    constants and the full-vocabulary perception KL). Not bit for bit by construction (other batch shapes: a GEMM
+    may block differently), so parameters and every logged metric must agree within MASKED_NO_GRAD_RTOL; on the
+    2-core CPU test machine, one thread, they came out identical."""
+    with_reuse = _run(tmp_path, monkeypatch, True, *MASKED_NO_GRAD[mode], *overrides)
+    without = _run(tmp_path, monkeypatch, False, *MASKED_NO_GRAD[mode], *overrides)
     rows = with_reuse[0]
+    micro_batches = 16 // with_reuse[3].cfg.trainer.micro_batch_size
     assert all(r["grad_norm"] > 0 and r["nonfinite/skipped_step"] == 0 for r in rows)
     assert all(r["perception_kl"] > 0 and r["masked_entropy"] > 0 for r in rows)  # diagnostics from π_old
-    assert with_reuse[2] == 0 and without[2] == 2 * len(rows)   # the separate 2B pass: gone
+    assert with_reuse[2] == 0 and without[2] == micro_batches * len(rows)   # the separate 2B pass: gone
     assert with_reuse[4] == passes * len(rows) and without[4] == []  # the masked half, in passes of that size
-    assert with_reuse[3].masked_forward_without_grad and not without[3].masked_forward_without_grad
     _assert_close_run(with_reuse, without, mode)
 
 
