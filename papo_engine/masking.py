@@ -180,6 +180,10 @@ def mask_per_prompt(pixel_values: Tensor, image_grid_thw: Tensor, n: int, ratio:
 def _draw_squares(height: int, width: int, ratio: float, square_px: int, generator: torch.Generator | None
                   ) -> tuple[Tensor, Tensor]:
     """The authors' square draw: (square_mask BoolTensor [rows, cols], pixel_mask BoolTensor [height, width])."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio={ratio}: must be in [0, 1]")
+    if square_px < 1:
+        raise ValueError(f"square_px={square_px}: must be >= 1")
     rows, cols = -(-height // square_px), -(-width // square_px)
     square_mask = (torch.rand(rows * cols, generator=generator) < ratio).view(rows, cols)
     pixel_mask = square_mask.repeat_interleave(square_px, 0).repeat_interleave(square_px, 1)[:height, :width]
@@ -197,10 +201,6 @@ def blacken_raw_squares(image: Image.Image, ratio: float, square_px: int = 14,
     conversion to RGB, which composites on white), so the unmasked pixels reach the model exactly as the
     original's do. The input image is never modified.
     """
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"ratio={ratio}: must be in [0, 1]")
-    if square_px < 1:
-        raise ValueError(f"square_px={square_px}: must be >= 1")
     work = image if image.mode == "RGB" else image.convert("RGBA")
     pixels = np.array(work)  # a copy: [H, W, C]
     square_mask, pixel_mask = _draw_squares(pixels.shape[0], pixels.shape[1], ratio, square_px, generator)
@@ -253,13 +253,9 @@ def mask_raw_per_prompt(images: Sequence[Sequence[Image.Image]], image_grid_thw:
     """
     if len(generators) != len(images):
         raise ValueError(f"{len(generators)} generators for {len(images)} prompts")
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"ratio={ratio}: must be in [0, 1]")
-    if square_px < 1:
-        raise ValueError(f"square_px={square_px}: must be >= 1")
     patch = getattr(image_processor, "patch_size", 0)
     rows_per_image = image_grid_thw.prod(dim=-1).tolist()
-    starts = [sum(rows_per_image[:i]) for i in range(len(rows_per_image))]
+    starts = np.cumsum([0, *rows_per_image]).tolist()
     pieces: list[Tensor | None] = []    # per image: its masked rows, or None when the processor makes them
     to_process, processed_images, squares, black = [], [], [], {}
     index = 0

@@ -288,18 +288,11 @@ class PAPOTrainer:
         out["_per_seq_kl"] = torch.cat(per_seq_kl) if per_seq_kl else torch.zeros(0)
         return out
 
-    def masked_hidden_without_grad(self, seqs: SequenceBatch, chunks: list[tuple[int, int]], i: int,
-                                   held: tuple[int, torch.Tensor] | None) -> tuple[int, torch.Tensor]:
-        """(first row, hidden states [rows, R, d]) of the masked branch covering micro-batch `chunks[i]` (official,
-        on-policy: the weights do not change before this optimizer step). One no-grad forward covers
-        no_grad_micro_batch_size // micro_batch_size micro-batches (at least one): fewer, larger calls, and only
-        those micro-batches' hidden states are held at a time. `held` is the previous call's result."""
-        size = self.cfg.trainer.no_grad_micro_batch_size or 2 * self.cfg.trainer.micro_batch_size
-        per_pass = max(1, size // self.cfg.trainer.micro_batch_size)
-        if i % per_pass and held is not None:
-            return held
-        first, last = chunks[i][0], chunks[min(i + per_pass, len(chunks)) - 1][1]
-        return first, masked_branch_hidden(self.engine.module, seqs.slice(first, last))
+    def micro_batches_per_no_grad_pass(self) -> int:
+        """Micro-batches covered by one no-grad forward of the masked branch (official, on-policy: the weights do
+        not change before the optimizer step): no_grad_micro_batch_size in whole micro-batches, at least one."""
+        t = self.cfg.trainer
+        return max(1, (t.no_grad_micro_batch_size or 2 * t.micro_batch_size) // t.micro_batch_size)
 
     def _optimizer_step(self, seqs: SequenceBatch, lo: int, hi: int, advantages: torch.Tensor, old: OldStats,
                         gamma: float, sums: dict, per_seq_kl: list | None) -> tuple[float, bool]:
@@ -311,13 +304,15 @@ class PAPOTrainer:
         global_tokens = dist_utils.all_reduce_sum(valid.sum())
         global_seqs = dist_utils.all_reduce_sum((valid.sum(1) > 0).sum())  # DAPO padding excluded
         chunks = self.micro_batches(lo, hi)
-        held = None  # official: the masked branch's no-grad hidden states (first row, tensor)
+        per_pass = self.micro_batches_per_no_grad_pass()
+        held = None  # official: (first row, the masked branch's no-grad hidden states) of the current pass
         loss_finite = True
         for i, (a, b) in enumerate(chunks):
             mb = seqs.slice(a, b)
             self.engine.start_micro_batch()
-            if self.masked_forward_without_grad:
-                held = self.masked_hidden_without_grad(seqs, chunks, i, held)
+            if self.masked_forward_without_grad and i % per_pass == 0:
+                held = None  # only one pass's hidden states alive at a time
+                held = (a, masked_branch_hidden(model, seqs.slice(a, chunks[min(i + per_pass, len(chunks)) - 1][1])))
             stats = response_token_stats(model, mb, both_branches=both, temperature=self.sampling.temperature,
                                          masked_hidden=None if held is None else held[1][a - held[0]:b - held[0]])
             mask = mb.response_mask

@@ -91,7 +91,7 @@ def test_dapo_dynamic_sampling_on_two_zero3_ranks_runs_collectively(tmp_path):
 def test_on_policy_reuse_on_two_zero3_ranks(tmp_path, mode):
     """Old log-probs from the update forward (trainer.on_policy_reuse, the default) or from the separate no-grad
     pass, on two ZeRO-3 ranks (parameters gathered for every forward): the same run, bit for bit (PAPO); for
-    `official` (no-grad forwards of the masked half before the micro-batches, the update's head over both
+    `official` (no-grad forwards of the masked half as the micro-batches reach them, the update's head over both
     branches) the same within 1e-6 relative — not bit for bit by construction (other batch shapes)."""
     extra = official_overrides() if mode == "official" else []
     on = _train(tmp_path / "on", 2, "deepspeed.zero_stage=3", *extra)

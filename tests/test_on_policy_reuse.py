@@ -138,6 +138,7 @@ def test_reuse_without_masked_gradient_matches_the_separate_pass(tmp_path, monke
     assert all(r["perception_kl"] > 0 and r["masked_entropy"] > 0 for r in rows)  # diagnostics from π_old
     assert with_reuse[2] == 0 and without[2] == micro_batches * len(rows)   # the separate 2B pass: gone
     assert with_reuse[4] == passes * len(rows) and without[4] == []  # the masked half, in passes of that size
+    assert with_reuse[3].masked_forward_without_grad and not without[3].masked_forward_without_grad
     _assert_close_run(with_reuse, without, mode)
 
 
