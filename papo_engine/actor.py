@@ -28,6 +28,7 @@ class SequenceBatch:
     response_mask: torch.Tensor       # [S, R] float
     masked_pixel_values: torch.Tensor | None = None  # laid out like prompts.pixel_values
     prompt_group: torch.Tensor | None = None  # [S]: equal ids on consecutive rows = the same prompt (and image)
+    prompt_positions: torch.Tensor | None = None  # [3, S, P]: each row's prompt M-RoPE positions (with_prompt_positions)
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -36,14 +37,16 @@ class SequenceBatch:
         masked = (None if self.masked_pixel_values is None
                   else slice_pixel_rows(self.prompts, self.masked_pixel_values, start, stop))
         group = None if self.prompt_group is None else self.prompt_group[start:stop]
+        positions = None if self.prompt_positions is None else self.prompt_positions[:, start:stop]
         return SequenceBatch(select_prompts(self.prompts, list(range(start, stop))),
-                             self.response_ids[start:stop], self.response_mask[start:stop], masked, group)
+                             self.response_ids[start:stop], self.response_mask[start:stop], masked, group, positions)
 
     def to(self, device) -> "SequenceBatch":
         """The tensors the forward reads on `device`; prompt_group (bookkeeping for Python-side indexing) stays."""
         masked = None if self.masked_pixel_values is None else self.masked_pixel_values.to(device)
+        positions = None if self.prompt_positions is None else self.prompt_positions.to(device)
         return SequenceBatch(self.prompts.to(device), self.response_ids.to(device), self.response_mask.to(device),
-                             masked, self.prompt_group)
+                             masked, self.prompt_group, positions)
 
 
 def final_hidden(model, input_ids, attention_mask, pixel_values, image_grid_thw) -> torch.Tensor:
@@ -65,14 +68,19 @@ def _branches(batch: SequenceBatch, both_branches: bool):
             torch.cat([prompts.image_grid_thw, prompts.image_grid_thw]), 2)
 
 
-def response_hidden(model, batch: SequenceBatch, both_branches: bool) -> torch.Tensor:
-    """Final hidden states at the positions that predict each response token: [S, R, d], or [2S, R, d] with the
-    masked-image half stacked after the original half."""
+def _shares_prompts(model, batch: SequenceBatch) -> bool:
+    """Whether the forward runs each distinct prompt once (see the module docstring)."""
     # transformers >= 5.20 names it is_activation_checkpointing, 5.19 (vLLM 0.32's range) is_gradient_checkpointing
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:
         checkpointing = model.is_gradient_checkpointing
-    if batch.prompt_group is not None and not checkpointing:
+    return batch.prompt_group is not None and not checkpointing
+
+
+def response_hidden(model, batch: SequenceBatch, both_branches: bool) -> torch.Tensor:
+    """Final hidden states at the positions that predict each response token: [S, R, d], or [2S, R, d] with the
+    masked-image half stacked after the original half."""
+    if _shares_prompts(model, batch):
         return _shared_prompt_hidden(model, batch, both_branches)
     prompts = batch.prompts
     P = prompts.input_ids.shape[1]
@@ -85,28 +93,50 @@ def response_hidden(model, batch: SequenceBatch, both_branches: bool) -> torch.T
     return hidden[:, P - 1:P - 1 + R]
 
 
+def _distinct_prompts(group: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """(the first row of each distinct prompt, each row's distinct-prompt index [S]) from prompt_group."""
+    first = torch.ones(len(group), dtype=torch.bool)
+    first[1:] = group[1:] != group[:-1]
+    return torch.nonzero(first).flatten().tolist(), torch.cumsum(first.long(), 0) - 1
+
+
+def _prompt_positions(model, prompts) -> torch.Tensor:
+    """M-RoPE positions [3, B, P] of prompts as the model computes them over a whole sequence (from the image grid)."""
+    positions, _ = model.model.get_rope_index(
+        prompts.input_ids, mm_token_type_ids(prompts.input_ids, model.config.image_token_id),
+        image_grid_thw=prompts.image_grid_thw, attention_mask=prompts.attention_mask)
+    return positions
+
+
+def with_prompt_positions(model, batch: SequenceBatch) -> SequenceBatch:
+    """`batch` carrying its prompts' M-RoPE positions, computed once over its distinct prompts, so that every
+    shared-prompt forward over its rows (update micro-batches, no-grad masked passes, π_old's and the reference's
+    passes) reads them instead of recomputing them (HF's get_rope_index loops over prompts in Python). Unchanged
+    where the forward does not share prompts."""
+    if not _shares_prompts(model, batch):
+        return batch
+    firsts, seq_to_distinct = _distinct_prompts(batch.prompt_group)
+    positions = _prompt_positions(model, select_prompts(batch.prompts, firsts))
+    return replace(batch, prompt_positions=positions[:, seq_to_distinct.to(positions.device)])
+
+
 def _shared_prompt_hidden(model, batch: SequenceBatch, both_branches: bool) -> torch.Tensor:
     """`response_hidden` with each distinct prompt run once per branch (see the module docstring)."""
     from transformers import DynamicCache
 
     prompts = batch.prompts
-    S, P = prompts.input_ids.shape
+    P = prompts.input_ids.shape[1]
     R = batch.response_ids.shape[1]
-    group = batch.prompt_group
-    first = torch.ones(S, dtype=torch.bool)
-    first[1:] = group[1:] != group[:-1]
-    firsts = torch.nonzero(first).flatten().tolist()
-    seq_to_distinct = torch.cumsum(first.long(), 0) - 1                      # [S]
+    firsts, seq_to_distinct = _distinct_prompts(batch.prompt_group)
     attention_mask = torch.cat([prompts.attention_mask, batch.response_mask.to(prompts.attention_mask.dtype)], 1)
     distinct = SequenceBatch(select_prompts(prompts, firsts), batch.response_ids[firsts],
                              batch.response_mask[firsts],
                              None if batch.masked_pixel_values is None else
                              _select_pixel_rows(prompts, batch.masked_pixel_values, firsts))
-    # M-RoPE positions, as the model computes them over a whole sequence: the prompt's from its image grid (once
-    # per distinct prompt); response tokens are text right after it, at max(prompt positions) + 1 + j; padding 0
-    prompt_positions, _ = model.model.get_rope_index(
-        distinct.prompts.input_ids, mm_token_type_ids(distinct.prompts.input_ids, model.config.image_token_id),
-        image_grid_thw=distinct.prompts.image_grid_thw, attention_mask=distinct.prompts.attention_mask)
+    # the prompt's positions once per distinct prompt; response tokens are text right after it, at
+    # max(prompt positions) + 1 + j; padding 0
+    prompt_positions = (_prompt_positions(model, distinct.prompts) if batch.prompt_positions is None
+                        else batch.prompt_positions[:, firsts])
     start = prompt_positions.amax(dim=(0, 2))[seq_to_distinct] + 1                               # [S]
     response_positions = (start[:, None] + torch.arange(R, device=start.device)) * batch.response_mask.long()
     pixel_values, grid, copies = _branches(distinct, both_branches)
@@ -143,8 +173,8 @@ def masked_branch_hidden(model, batch: SequenceBatch) -> torch.Tensor:
     """`response_hidden` of the masked-image branch alone, [S, R, d]: the masked pixel values in the original's
     place. Without gradient (the authors' computation, masked_grad=false: the masked branch is a constant)."""
     with torch.no_grad():
-        masked = SequenceBatch(replace(batch.prompts, pixel_values=batch.masked_pixel_values), batch.response_ids,
-                               batch.response_mask, prompt_group=batch.prompt_group)
+        masked = replace(batch, prompts=replace(batch.prompts, pixel_values=batch.masked_pixel_values),
+                         masked_pixel_values=None)
         return response_hidden(model, masked, both_branches=False)
 
 

@@ -186,7 +186,8 @@ def _draw_squares(height: int, width: int, ratio: float, square_px: int, generat
         raise ValueError(f"square_px={square_px}: must be >= 1")
     rows, cols = -(-height // square_px), -(-width // square_px)
     square_mask = (torch.rand(rows * cols, generator=generator) < ratio).view(rows, cols)
-    pixel_mask = square_mask.repeat_interleave(square_px, 0).repeat_interleave(square_px, 1)[:height, :width]
+    pixel_mask = square_mask[:, None, :, None].expand(rows, square_px, cols, square_px).reshape(
+        rows * square_px, cols * square_px)[:height, :width]
     return square_mask, pixel_mask
 
 
@@ -219,21 +220,23 @@ def _taken_at_own_size(image: Image.Image, thw: Tensor, patch: int) -> bool:
 
 
 def _pixels_to_rows(values: Tensor, temporal: int, patch: int, merge: int) -> Tensor:
-    """Per-pixel values [C, H, W] in the processor's pixel_values layout [h·w, C·T·P·P] (the image repeated over T
-    frames; rows ordered (h/m, w/m, m, m); each row a flattened [C, T, P, P] block)."""
-    channels, height, width = values.shape
+    """Per-pixel values [K, C, H, W] of K images in the processor's pixel_values layout [K, h·w, C·T·P·P] (each
+    image repeated over T frames; rows ordered (h/m, w/m, m, m); each row a flattened [C, T, P, P] block)."""
+    images, channels, height, width = values.shape
     h, w = height // patch, width // patch
-    frames = values.unsqueeze(0).expand(temporal, channels, height, width).reshape(
-        temporal, channels, h // merge, merge, patch, w // merge, merge, patch)
-    return frames.permute(2, 5, 3, 6, 1, 0, 4, 7).reshape(h * w, channels * temporal * patch * patch)
+    frames = values.unsqueeze(1).expand(images, temporal, channels, height, width).reshape(
+        images, temporal, channels, h // merge, merge, patch, w // merge, merge, patch)
+    return frames.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(images, h * w, channels * temporal * patch * patch)
 
 
-def _blacken_rows(rows: Tensor, pixel_mask: Tensor, black_rows: Tensor, image_processor) -> Tensor:
-    """One image's pixel_values `rows` with the pixels of `pixel_mask` [H, W] taken from `black_rows` (the
-    processor's pixel_values of an all-black image of the same size)."""
+def _blacken_rows(rows: Tensor, pixel_masks: Tensor, black_rows: Tensor, image_processor) -> Tensor:
+    """K images' pixel_values `rows` [K, h·w, D] with the pixels of `pixel_masks` [K, H, W] taken from `black_rows`
+    [h·w, D] (the processor's pixel_values of an all-black image of their size)."""
     temporal, patch = image_processor.temporal_patch_size, image_processor.patch_size
     channels = black_rows.shape[1] // (temporal * patch * patch)
-    where = _pixels_to_rows(pixel_mask.expand(channels, -1, -1), temporal, patch, image_processor.merge_size)
+    images, height, width = pixel_masks.shape
+    where = _pixels_to_rows(pixel_masks[:, None].expand(images, channels, height, width), temporal, patch,
+                            image_processor.merge_size)
     return torch.where(where, black_rows.to(rows.dtype), rows)
 
 
@@ -256,33 +259,37 @@ def mask_raw_per_prompt(images: Sequence[Sequence[Image.Image]], image_grid_thw:
     patch = getattr(image_processor, "patch_size", 0)
     rows_per_image = image_grid_thw.prod(dim=-1).tolist()
     starts = np.cumsum([0, *rows_per_image]).tolist()
-    pieces: list[Tensor | None] = []    # per image: its masked rows, or None when the processor makes them
-    to_process, processed_images, squares, black = [], [], [], {}
+    pieces: list[Tensor | None] = []    # per image: its masked rows (filled in below)
+    to_process, processed_images, squares = [], [], []
+    own_size: dict[tuple[int, int], list[tuple[int, Tensor]]] = {}  # image size -> [(image index, pixel mask)]
     index = 0
     for gen, prompt_images in zip(generators, images):
         for image in prompt_images:
             if pixel_values is not None and patch and _taken_at_own_size(image, image_grid_thw[index], patch):
                 square_mask, pixel_mask = _draw_squares(image.height, image.width, ratio, square_px, gen)
-                if image.size not in black:
-                    black[image.size] = image_processor(images=[Image.new("RGB", image.size)],
-                                                        return_tensors="pt")["pixel_values"]
-                rows = pixel_values[starts[index]:starts[index] + rows_per_image[index]]
-                pieces.append(_blacken_rows(rows, pixel_mask, black[image.size], image_processor))
+                own_size.setdefault(image.size, []).append((index, pixel_mask))
             else:
                 out, square_mask = blacken_raw_squares(image, ratio, square_px, gen)
-                pieces.append(None)
                 to_process.append(out)
                 processed_images.append(index)
+            pieces.append(None)
             squares.append(square_mask.flatten())
             index += 1
+    for size, drawn in own_size.items():  # all images of one size at once
+        black = image_processor(images=[Image.new("RGB", size)], return_tensors="pt")["pixel_values"]
+        rows = torch.stack([pixel_values[starts[i]:starts[i] + rows_per_image[i]] for i, _ in drawn])
+        masked_rows = _blacken_rows(rows, torch.stack([mask for _, mask in drawn]), black, image_processor)
+        for (i, _), image_rows in zip(drawn, masked_rows):
+            pieces[i] = image_rows
     if to_process:
         vision = image_processor(images=to_process, return_tensors="pt")
         want = image_grid_thw[processed_images]
         if not torch.equal(vision["image_grid_thw"], want.to(vision["image_grid_thw"].dtype)):
             raise ValueError(f"raw-masked images give image_grid_thw {vision['image_grid_thw'].tolist()}, the "
                              f"originals {want.tolist()}: they must be processed alike")
-        processed = iter(vision["pixel_values"].split([rows_per_image[i] for i in processed_images]))
-        pieces = [next(processed) if piece is None else piece for piece in pieces]
+        for i, image_rows in zip(processed_images, vision["pixel_values"].split(
+                [rows_per_image[i] for i in processed_images])):
+            pieces[i] = image_rows
     masked, thw = repeat_for_rollouts(torch.cat(pieces), image_grid_thw, n, [len(x) for x in images])
     return masked, thw, torch.cat(squares)
 

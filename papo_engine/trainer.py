@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .actor import SequenceBatch, masked_branch_hidden, response_token_stats
+from .actor import SequenceBatch, masked_branch_hidden, response_token_stats, with_prompt_positions
 from .old_policy import OldStats, old_policy_stats, on_policy_reuse, rollout_mismatch
 from .algorithms import LossInputs, gamma_at, group_advantages, loss_settings, overlong_penalty, papo_loss
 from .batching import repeat_prompts
@@ -391,6 +391,7 @@ class PAPOTrainer:
             if self.masked_branch:
                 self.attach_masks(batch)
             seqs, advantages = batch.sequences.to(self.device), advantages.to(self.device)
+            seqs = with_prompt_positions(self.engine.module, seqs)  # once a step, for every forward below
             rollout_logprobs = None if batch.rollout_logprobs is None else batch.rollout_logprobs.to(self.device)
         with timer.phase("old_logprobs"):  # on-policy reuse: only the reference's pass (β > 0) runs here
             old = self.old_stats(seqs, rollout_logprobs)

@@ -1,7 +1,7 @@
 """The policy forward: one 2B batch equals two separate forwards; log-probs match a plain logits computation."""
 import torch
 
-from papo_engine.actor import SequenceBatch, final_hidden, response_token_stats
+from papo_engine.actor import SequenceBatch, final_hidden, response_token_stats, with_prompt_positions
 from papo_engine.batching import repeat_prompts
 from papo_engine.data import GeneratedDataset
 from papo_engine.masking import mask_per_prompt
@@ -103,10 +103,18 @@ def test_shared_prompt_forward_equals_the_full_forward_values_and_gradients(tiny
 
     plain = _batch(tiny, prompts=3, n=3)
     grouped = _with_groups(plain, 3)
-    for full_batch, shared_batch in ((plain, grouped), (plain.slice(2, 8), grouped.slice(2, 8))):
+    positioned = with_prompt_positions(model, grouped)  # the step's positions, computed once and sliced
+    assert positioned.prompt_positions.shape == (3, 9, plain.prompts.input_ids.shape[1])
+    assert torch.equal(positioned.slice(2, 8).prompt_positions,
+                       with_prompt_positions(model, grouped.slice(2, 8)).prompt_positions)
+    for full_batch, shared_batch, positioned_batch in ((plain, grouped, positioned),
+                                                       (plain.slice(2, 8), grouped.slice(2, 8), positioned.slice(2, 8))):
         (full, full_grads), (shared, shared_grads) = run(full_batch), run(shared_batch)
         for key in full:
             assert torch.allclose(shared[key], full[key], atol=1e-5, rtol=0), key
         assert full_grads.keys() == shared_grads.keys()
         for name, g in full_grads.items():  # atol: fp32 summation order on gradients up to ~20 (eps * 20 = 2e-6)
             assert torch.allclose(shared_grads[name], g, rtol=1e-4, atol=1e-5), name
+        with_positions, with_positions_grads = run(positioned_batch)  # the same integers: the same computation
+        assert all(torch.equal(with_positions[key], shared[key]) for key in shared)
+        assert all(torch.equal(with_positions_grads[name], g) for name, g in shared_grads.items())
