@@ -7,7 +7,8 @@ Shared prompts: the n responses to a prompt share its tokens and image, so (when
 sequences share a prompt) each distinct prompt — image tokens included — runs once per branch and its key/value
 cache is expanded to the responses, which then run attending to it. Exact (same positions, same attention), and
 the prompt's share of the work drops n-fold; gradients flow back through the shared cache. Not used under
-gradient checkpointing (HF drops the cache inside checkpointed layers).
+gradient checkpointing (HF drops the cache inside checkpointed layers). The prompts' M-RoPE positions can be
+computed once for a step's batch (`with_prompt_positions`) and are then read by every forward over its rows.
 """
 from __future__ import annotations
 
