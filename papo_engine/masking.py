@@ -259,7 +259,7 @@ def mask_raw_per_prompt(images: Sequence[Sequence[Image.Image]], image_grid_thw:
     patch = getattr(image_processor, "patch_size", 0)
     rows_per_image = image_grid_thw.prod(dim=-1).tolist()
     starts = np.cumsum([0, *rows_per_image]).tolist()
-    pieces: list[Tensor | None] = []    # per image: its masked rows (filled in below)
+    pieces: list[Tensor | None] = [None] * len(rows_per_image)  # per image: its masked rows (filled in below)
     to_process, processed_images, squares = [], [], []
     own_size: dict[tuple[int, int], list[tuple[int, Tensor]]] = {}  # image size -> [(image index, pixel mask)]
     index = 0
@@ -272,7 +272,6 @@ def mask_raw_per_prompt(images: Sequence[Sequence[Image.Image]], image_grid_thw:
                 out, square_mask = blacken_raw_squares(image, ratio, square_px, gen)
                 to_process.append(out)
                 processed_images.append(index)
-            pieces.append(None)
             squares.append(square_mask.flatten())
             index += 1
     for size, drawn in own_size.items():  # all images of one size at once

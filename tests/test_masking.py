@@ -368,7 +368,7 @@ def test_raw_mask_in_the_originals_rows_equals_the_processor_pass(ratio):
                            mode="RGBA")
     images = [[Image.fromarray(_image(seed=21, h=56, w=56))],
               [Image.fromarray(_image(seed=22, h=84, w=112)), Image.fromarray(_image(seed=23, h=50, w=61))],
-              [rgba], [Image.fromarray(_image(seed=24, h=112, w=56))]]
+              [rgba], [Image.fromarray(_image(seed=24, h=112, w=56)), Image.fromarray(_image(seed=25, h=56, w=56))]]
     flat = [im for ims in images for im in ims]
     pv, thw = _process(processor, [np.array(im) for im in flat])
 
@@ -379,7 +379,8 @@ def test_raw_mask_in_the_originals_rows_equals_the_processor_pass(ratio):
     counting = _CountingProcessor(processor)
     got, got_thw, got_squares = mask_raw_per_prompt(images, thw, 2, ratio, 14, counting, gens(), pixel_values=pv)
     assert torch.equal(got, want) and torch.equal(got_thw, want_thw) and torch.equal(got_squares, want_squares)
-    # three in place (one all-black image per size: 56x56, 84x112, 56x112), the resized and the RGBA one processed
+    # four in place, the two 56x56 ones (prompts 0 and 3) in one operation (one all-black image per size: 56x56,
+    # 84x112, 56x112), the resized and the RGBA one processed
     assert sorted(counting.calls) == [1, 1, 1, 2]
     if ratio == 0.6:
         assert want_squares.any() and not want_squares.all()
