@@ -1,8 +1,9 @@
 """`papo train | eval | export` — parse, validate, hand a config to the trainer.
 
 Exit codes: 0 done; 2 a configuration or input error (one line); 1 training stopped (non-finite steps, full
-disk; one line, a checkpoint saved where possible); 143 / 130 pre-empted by SIGTERM / SIGINT after saving a
-checkpoint (`--resume` continues).
+disk; one line, a checkpoint saved where possible); 143 / 130 stopped by SIGTERM / SIGINT (one line: what was
+saved, or that nothing was yet, and how to continue; after the first step a checkpoint, `--resume` continues).
+A `papo train` on an output folder another live run holds exits 2 (`runlock.py`).
 """
 from __future__ import annotations
 
@@ -78,13 +79,17 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(report))
             print(f"papo: report written to {args.output}")
         elif args.command == "train":
+            from .preemption import StopSignals
             from .trainer import PAPOTrainer
-            summary = PAPOTrainer(cfg, resume=args.resume).train()
+            with StopSignals():  # SIGTERM / SIGINT in any stage: stopped at the next safe point (preemption.py)
+                summary = PAPOTrainer(cfg, resume=args.resume).train()
             from . import distributed as dist_utils
             if dist_utils.is_main():
                 print(json.dumps(summary, indent=2))
     except ConfigError as err:
-        print(f"papo: error: {err}", file=sys.stderr)
+        from . import distributed as dist_utils
+        if not getattr(err, "main_only", False) or dist_utils.is_main():  # e.g. the run lock: rank 0 names it
+            print(f"papo: error: {err}", file=sys.stderr, flush=True)
         return 2
     except Preempted as err:  # SIGTERM / SIGINT: a checkpoint was saved; 128 + the signal number
         from . import distributed as dist_utils

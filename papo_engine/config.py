@@ -210,6 +210,9 @@ class TrainerConfig:
     save_every: int = _f(50, low=0, help="checkpoint (model, optimizer, RNG, data position) every N steps; 0 = off")
     keep_last: int = _f(2, low=1, help="complete checkpoints kept; older ones are deleted")
     max_nonfinite_steps: int = _f(3, low=1, help="consecutive skipped non-finite steps before the run stops")
+    lock_wait_s: float = _f(300.0, low=0.0, help="--resume on an output_dir another run still holds (a requeue while the "
+                                                 "old job writes its pre-emption checkpoint): seconds to wait for "
+                                                 "it to end; 0 = refuse at once (a new run never waits)")
 
 
 @dataclass

@@ -35,13 +35,15 @@ from .masking import mask_prompts
 from .models import encode_prompts, load_image_processor, load_policy, load_tokenizer, prompt_token_limit
 from .rewards import RewardRole
 from .hybrid import HybridEngine
-from .preemption import Preempted, StopSignals
+from .preemption import Preempted, StopSignals, check_stop
+from .runlock import acquire_run_lock
 from .rollout import build_rollout
 from .rollout.base import SamplingParams
 from .tracking import Tracker, plot_metrics
 
 
 ROLLOUT_TIME_MASKED = ("masked_logprobs", "masked_entropy", "kl")
+WARMUP_STOPPED = "warmup_stopped.json"  # a start stopped during the warm-up: the next one says it redoes it
 
 
 def seed_everything(seed: int) -> None:
@@ -90,6 +92,8 @@ class PAPOTrainer:
         seed_everything(cfg.trainer.seed)
         self.out_dir = Path(cfg.trainer.output_dir)
         ckpt.check_output_dir(self.out_dir)
+        # one run per folder (runlock.py): taken before anything in it is modified (partial checkpoints, metrics)
+        self.run_lock = acquire_run_lock(self.out_dir, resume is not None, cfg.trainer.lock_wait_s)
         self.restart = False  # --resume found no complete checkpoint: the run starts again from step 0
         self.resume_from = self._resume_point(resume)
         saved = ckpt.read_trainer_state(self.resume_from) if self.resume_from else ckpt.TrainerState(0, 0)
@@ -100,12 +104,18 @@ class PAPOTrainer:
         self.train_set = self._dataset("train", cfg.data.train_files)
         self.eval_set = self._dataset("eval", cfg.data.eval_files)
         self.reward = RewardRole(cfg)
+        self.stop_point("during model building")
         self.warmup_log: list[dict] = []
         # a resumed policy already holds the warm-start; it is re-run only to rebuild the reference (β > 0),
         # which is the post-warm-start policy and deterministic given the seed
         if cfg.warmup.steps > 0 and (self.resume_from is None or cfg.algo.ref_kl_coef > 0):
             from .warmup import format_warmup
-            self.warmup_log = format_warmup(model, self, cfg.warmup)
+            if dist_utils.is_main() and (self.out_dir / WARMUP_STOPPED).is_file():
+                print(f"papo: the previous start was stopped during the warm-up "
+                      f"({(self.out_dir / WARMUP_STOPPED).read_text().strip()}): redoing it from its start", flush=True)
+            self.warmup_log = format_warmup(model, self, cfg.warmup, stop_check=self.warmup_stop_point)
+            if dist_utils.is_main():
+                (self.out_dir / WARMUP_STOPPED).unlink(missing_ok=True)
         from .engine import TrainingEngine, frozen_reference
         # vLLM sizes its memory from what is free when it starts: before the trainer's states are allocated
         rollout = build_rollout(cfg, None, self.tokenizer, self.world) if cfg.rollout.backend == "vllm" else None
@@ -126,10 +136,36 @@ class PAPOTrainer:
             self.history, self.nonfinite_skipped = state.history, state.nonfinite_skipped
             if dist_utils.is_main():
                 print(f"papo: resumed from {self.resume_from} at step {self.start_step}", flush=True)
+        self.stop_point("while building the training engine")
         # only now, with the checkpoint loaded, may metrics.jsonl lose the steps logged after it
         self.tracker = Tracker(self.out_dir, cfg.to_dict(), cfg.logging.wandb, cfg.logging.project,
                                cfg.logging.run_name, enabled=dist_utils.is_main(), resume_run_id=saved.wandb_run_id,
                                resume_step=self.start_step if self.resume_from or self.restart else None)
+
+    def stop_point(self, stage: str, redo: str = "") -> None:
+        """Before the first step (collective, `papo train` only): stop here with one line if SIGTERM/SIGINT was
+        received, saying that nothing was saved yet and how to continue (preemption.py)."""
+        if self.resume_from is not None:
+            saved = f"nothing new was saved ({self.resume_from} is unchanged); continue with --resume"
+        elif self.restart:
+            saved = "nothing was saved yet; start it again with --resume"
+        else:
+            saved = "nothing was saved yet; run the same command again to start"
+        check_stop(stage, redo + saved)
+
+    def warmup_stop_point(self, done: int) -> None:
+        """After every warm-up step: a stop here records the step in the folder, so the next start says that the
+        warm-up it redoes was interrupted (the warm-up keeps no state of its own: it is redone from its start)."""
+        total = self.cfg.warmup.steps
+        if done >= total:
+            return
+        try:
+            self.stop_point(f"during the warm-up (step {done} of {total})",
+                            "the warm-up is redone from its start on the next run; ")
+        except Preempted:
+            if dist_utils.is_main():
+                (self.out_dir / WARMUP_STOPPED).write_text(json.dumps({"done": done, "steps": total}))
+            raise
 
     def derive_algorithm(self) -> None:
         """The loss settings and the branches to run, from self.cfg.algo / trainer (called again by benchmarks
@@ -361,6 +397,8 @@ class PAPOTrainer:
         with StopSignals() as signals:  # SIGTERM / SIGINT: stop after the current step (preemption.py)
             for step in bar:
                 metrics = self.train_step(step)
+                if self.run_lock is not None:  # rank 0: the folder's lock record says the run is alive
+                    self.run_lock.heartbeat(step + 1)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics.get('accuracy', 0):.2f}",
                                 kl=f"{metrics.get('perception_kl', 0.0):.3f}")
                 signum = signals.agreed_stop()  # collective: all ranks stop at the same step
@@ -474,6 +512,12 @@ class PAPOTrainer:
                 raise TrainingStopped(f"{full}; the final model was not written (the training checkpoints under "
                                       f"{ckpt.checkpoints_dir(self.out_dir)} are intact)") from None
             summary["checkpoint"] = str(path)
+        done = f"training finished (all {self.cfg.trainer.steps} steps)"
+        model = (f"the final model is saved at {summary['checkpoint']}" if "checkpoint" in summary else
+                 f"the training checkpoints are under {ckpt.checkpoints_dir(self.out_dir)} (`papo export` one)")
+        self._final_stop_point("while saving the final model",
+                               f"{done}; {model}; the final evaluation was not run: run `papo eval --model <the "
+                               f"model> --data <files>`; nothing to continue")
         summary["eval_accuracy"] = held_out_accuracy(self)
         if history:
             k = max(1, len(history) // 5)
@@ -491,5 +535,16 @@ class PAPOTrainer:
                 summary["warmup_final_loss"] = self.warmup_log[-1]["loss"]
             self.tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self._final_stop_point("during the final evaluation",
+                               f"{done} and evaluated; {model}, the summary at {self.out_dir / 'summary.json'}; "
+                               f"nothing to continue")
         self.tracker.close()
         return summary
+
+    def _final_stop_point(self, stage: str, saved: str) -> None:
+        """After the last step (collective, `papo train` only): a SIGTERM/SIGINT received since stops here."""
+        try:
+            check_stop(stage, saved)
+        except Preempted:
+            self.tracker.close()
+            raise

@@ -69,8 +69,9 @@ def answer_positions(ids: torch.Tensor, answer_ids: torch.Tensor, brace_id: int)
     return torch.isin(ids, answer_ids) & after_brace
 
 
-def format_warmup(model, trainer, wcfg: WarmupConfig) -> list[dict]:
-    """Runs before DeepSpeed wraps the model; every rank runs the same seeded stage, so weights stay equal."""
+def format_warmup(model, trainer, wcfg: WarmupConfig, stop_check=None) -> list[dict]:
+    """Runs before DeepSpeed wraps the model; every rank runs the same seeded stage, so weights stay equal.
+    `stop_check(steps_done)` is called after every step on every rank (the trainer's SIGTERM/SIGINT stop point)."""
     cfg = trainer.cfg
     rng = random.Random(cfg.trainer.seed + 7)
     choices = ANSWERS[cfg.data.task]
@@ -107,5 +108,7 @@ def format_warmup(model, trainer, wcfg: WarmupConfig) -> list[dict]:
         optimizer.step()
         log.append({"step": step, "loss": loss.item()})
         bar.set_postfix(loss=f"{log[-1]['loss']:.3f}")
+        if stop_check is not None:
+            stop_check(step + 1)
     optimizer.zero_grad(set_to_none=True)
     return log
