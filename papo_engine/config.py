@@ -87,12 +87,15 @@ class RewardConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = _f("hf", choices=["hf", "vllm"])
+    backend: str = _f("native", choices=["native", "hf", "vllm"],
+                      help="native = our decode loop on the trainer's module (prefill once per prompt, preallocated "
+                           "cache, CUDA graphs on GPU); hf = HF generate (the reference); vllm = a vLLM engine")
     n: int = _f(8, low=1, help="responses per prompt (>= 2 for group advantages)")
     temperature: float = _f(1.0, low=0.0, high=2.0, low_open=True, help="vLLM rejects T > 2")
     top_p: float = _f(1.0, low=0.0, high=1.0, low_open=True)
     max_new_tokens: int = _f(24, low=1)
     batch_size: int = _f(64, low=1, help="sequences per generate call")
+    cuda_graphs: bool = _f(True, help="native on CUDA: replay the decode step from a CUDA graph (not under ZeRO-3)")
     # vllm backend only
     gpu_memory_utilization: float = _f(0.5, low=0.0, high=1.0, low_open=True, help="vllm: fraction for weights + KV cache")
     enable_sleep_mode: bool = _f(True, help="vllm: release weights and KV cache while training (GPU only; off on CPU)")
@@ -429,7 +432,7 @@ def validate(cfg: Config) -> None:
     if cfg.rollout.backend == "vllm":
         if cfg.model.path is None:
             raise ConfigError("rollout.backend='vllm' needs model.path (vLLM loads a model directory; the tiny "
-                              "model is built in memory — use rollout.backend=hf)")
+                              "model is built in memory — use rollout.backend=native, the default)")
         import importlib.util
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("rollout.backend='vllm': vllm is not installed (pip install 'papo-engine[gpu]' on a CUDA machine)")
@@ -437,8 +440,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algo.rollout_is={cfg.algo.rollout_is!r} with algo.dynamic_sampling=true: the merged DAPO "
                           f"batch does not carry the rollout log-probs; use one or the other")
     if cfg.algo.rollout_is != "off" and cfg.rollout.backend != "vllm":
-        raise ConfigError(f"algo.rollout_is={cfg.algo.rollout_is!r} needs rollout.backend=vllm (the HF backend samples "
-                          f"from the trainer's own module: nothing to correct)")
+        raise ConfigError(f"algo.rollout_is={cfg.algo.rollout_is!r} needs rollout.backend=vllm (the native and HF "
+                          f"backends sample from the trainer's own module: nothing to correct)")
     if cfg.algo.perception_kl == "full" and not cfg.algo.masked_grad and not cfg.algo.official:
         raise ConfigError("algo.perception_kl='full' with algo.masked_grad=false: the exact KL needs the masked "
                           "branch's logits in the update; use k1/k2/k3 or masked_grad=true")

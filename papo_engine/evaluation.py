@@ -36,8 +36,9 @@ def evaluate_files(cfg: Config, files: list[str], k: int, temperature: float, se
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(cfg.model)
     image_processor = load_image_processor(cfg)
-    # vLLM builds its own engine from the model directory; the HF backend generates with the loaded model
-    model = load_policy(cfg.model, tokenizer).to(dist_utils.device()).eval() if cfg.rollout.backend == "hf" else None
+    # vLLM builds its own engine from the model directory; the native and HF backends generate with the loaded model
+    model = (None if cfg.rollout.backend == "vllm" else
+             load_policy(cfg.model, tokenizer).to(dist_utils.device()).eval())
     rollout = build_rollout(cfg, model, tokenizer, world_size=1)
     reward = RewardRole(cfg)
     sampling = SamplingParams(k, temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)

@@ -27,6 +27,7 @@ from papo_engine.models import encode_prompts  # noqa: E402
 from papo_engine.rollout import build_rollout  # noqa: E402
 from papo_engine.rollout.base import SamplingParams, response_mask_from_ids  # noqa: E402
 from papo_engine.rollout.hf import HFRollout  # noqa: E402
+from papo_engine.rollout.native import NativeRollout  # noqa: E402
 from papo_engine.rollout.vllm import VLLMRollout, collapse_image_pads  # noqa: E402
 from papo_engine.weight_sync import checkpoint_names, iter_weight_buckets, layer_of  # noqa: E402
 from papo_engine.distributed import free_port
@@ -146,6 +147,7 @@ def test_buckets_cover_every_parameter_once_under_checkpoint_names_within_the_li
 
 
 
+@pytest.mark.slow
 def test_zero3_single_process_gathers_full_tensors_per_bucket(tmp_path):
     out = tmp_path / "verdict.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
@@ -209,7 +211,10 @@ def test_vllm_needs_model_path_and_builds_like_the_trainer(tiny, model_dir):
     plain.rollout.backend = "vllm"
     with pytest.raises(ConfigError, match="model.path"):
         VLLMRollout(plain, tokenizer, vllm_module=fake_vllm)
-    hf = build_rollout(Config(), model, tokenizer, world_size=1)
+    assert isinstance(build_rollout(Config(), model, tokenizer, world_size=1), NativeRollout)  # the default
+    hf_cfg = Config()
+    hf_cfg.rollout.backend = "hf"
+    hf = build_rollout(hf_cfg, model, tokenizer, world_size=1)
     assert isinstance(hf, HFRollout) and not hf.synced_gpus
     vcfg = cfg_for(model_dir)
     rollout = build_rollout(vcfg, model, tokenizer, world_size=1, vllm_module=fake_vllm)

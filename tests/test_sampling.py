@@ -1,5 +1,6 @@
-"""Keyed Gumbel-max sampling: exact softmax(logits / T) (and top-p) frequencies, and a response that depends only
-on its key, not on its batch — what makes a 2-rank run sample what a 1-rank run samples."""
+"""Keyed inverse-CDF sampling: exact softmax(logits / T) (and top-p) frequencies, one uniform per row and token, and
+a response that depends only on its key, not on its batch — what makes a 2-rank run sample what a 1-rank run
+samples."""
 import torch
 
 from papo_engine.batching import select_prompts
@@ -7,12 +8,13 @@ from papo_engine.data import GeneratedDataset
 from papo_engine.models import encode_prompts
 from papo_engine.rollout.base import SamplingParams
 from papo_engine.rollout.hf import HFRollout
-from papo_engine.rollout.sampling import KeyedGumbelSampler, keyed_uniform, top_p_filter
+from papo_engine.rollout.sampling import KeyedSampler, inverse_cdf_sample, keyed_uniform, top_p_filter
 
 
 def _draw(logits: torch.Tensor, rows: int, temperature: float, top_p: float, seed: int = 5) -> torch.Tensor:
-    sampler = KeyedGumbelSampler(torch.arange(rows), seed, temperature, top_p, prompt_width=3)
+    sampler = KeyedSampler(torch.arange(rows), seed, temperature, top_p, prompt_width=3)
     scores = sampler(torch.zeros(rows, 3, dtype=torch.long), logits.expand(rows, -1).clone())
+    assert (torch.isinf(scores).sum(1) == logits.shape[-1] - 1).all()  # one finite score: the drawn token
     return scores.argmax(-1)
 
 
@@ -35,13 +37,23 @@ def test_top_p_keeps_only_the_nucleus():
     assert counts[2:].sum() == 0 and abs(counts[0] - 0.625) < 0.02  # renormalized 0.5 / 0.8
 
 
-def test_noise_is_a_function_of_seed_key_position_token():
+def test_uniform_is_a_function_of_seed_key_position():
     keys = torch.tensor([3, 11, 2**40 + 7])
-    a = keyed_uniform(1, keys, 4, 50)
-    assert torch.equal(a[1:2], keyed_uniform(1, keys[1:2], 4, 50))   # batch-independent
-    assert not torch.equal(a, keyed_uniform(1, keys, 5, 50))          # position matters
-    assert not torch.equal(a, keyed_uniform(2, keys, 4, 50))          # seed matters
-    assert ((a > 0) & (a < 1)).all() and abs(float(a.mean()) - 0.5) < 0.05
+    a = keyed_uniform(1, keys, 4)
+    assert a.shape == (3,) and a.dtype == torch.float64
+    assert torch.equal(a[1:2], keyed_uniform(1, keys[1:2], 4))   # batch-independent
+    assert not torch.equal(a, keyed_uniform(1, keys, 5))          # position matters
+    assert not torch.equal(a, keyed_uniform(2, keys, 4))          # seed matters
+    many = keyed_uniform(0, torch.arange(20000), 0)
+    assert ((many > 0) & (many < 1)).all() and abs(float(many.mean()) - 0.5) < 0.01
+
+
+def test_inverse_cdf_quantiles_and_zero_probability_tokens():
+    """Hand-computed: probabilities (0.5, 0, 0.3, 0.2) have cumulative (0.5, 0.5, 0.8, 1.0): quantile 0.5 is the
+    boundary and goes to the next token of positive probability (2), never to the 0-probability token 1."""
+    logits = torch.log(torch.tensor([0.5, 0.0, 0.3, 0.2])).expand(5, -1)
+    u = torch.tensor([0.1, 0.5, 0.79, 0.81, 0.999], dtype=torch.float64)
+    assert inverse_cdf_sample(logits, 1.0, 1.0, u).tolist() == [0, 2, 2, 3, 3]
 
 
 def test_responses_do_not_depend_on_batch_composition(tiny):

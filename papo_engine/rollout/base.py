@@ -16,6 +16,7 @@ class SamplingParams:
     top_p: float
     max_new_tokens: int
     seed: int | None = None  # with per-prompt keys: draws depend only on (seed, key, k), not on batch or rank
+    min_new_tokens: int = 0  # eos is not sampled before this many tokens (benchmarks: responses of equal length)
 
 
 @dataclass
@@ -24,7 +25,7 @@ class RolloutOutput:
     response_ids: torch.Tensor    # [B*n, R], pad after the end
     response_mask: torch.Tensor   # [B*n, R] float, 1 up to and including the eos token
     texts: list[str]              # decoded responses, special tokens removed
-    logprobs: torch.Tensor | None = None  # [B*n, R] the engine's sampled-token log-probs (vLLM), 0 after the end
+    logprobs: torch.Tensor | None = None  # [B*n, R] the engine's sampled-token log-probs (vLLM, native), 0 after the end
 
 
 def response_keys(prompt_keys: list[int], n: int) -> torch.Tensor:

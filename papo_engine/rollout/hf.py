@@ -14,7 +14,7 @@ from ..batching import repeat_prompts, select_prompts
 from ..models import PromptBatch, mm_token_type_ids
 from ..prompts import vision_token_ids
 from .base import RolloutOutput, SamplingParams, response_keys, response_mask_from_ids
-from .sampling import KeyedGumbelSampler
+from .sampling import KeyedSampler
 
 
 class HFRollout:
@@ -32,10 +32,12 @@ class HFRollout:
         # repetition_penalty=1: a checkpoint's generation_config (Qwen2.5-VL ships 1.05) would otherwise bend the
         # sampling distribution away from the policy whose log-probs the loss uses
         common = {"repetition_penalty": 1.0}
+        if sampling.min_new_tokens:
+            common["min_new_tokens"] = sampling.min_new_tokens
         if sampling.temperature == 0:  # greedy (evaluation)
             return {"do_sample": False, **common}
         if keys is not None:
-            sampler = KeyedGumbelSampler(keys, sampling.seed, sampling.temperature, sampling.top_p, prompt_width)
+            sampler = KeyedSampler(keys, sampling.seed, sampling.temperature, sampling.top_p, prompt_width)
             return {"do_sample": False, "logits_processor": [sampler], **common}
         return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0,
                 **common}
