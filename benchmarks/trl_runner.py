@@ -10,8 +10,8 @@ step (our trainer's draw order; TRL reads them unshuffled), the same number of r
 temperature, learning rate and PAPO weights (SETTINGS), β = 0, one optimizer step per rollout, fp32.
 
 Equal work: both sides generate exactly `--tokens` tokens per response — `min_new_tokens` = max_new_tokens
-(TRL: `generation_kwargs`; ours: the rollout module's `generation_config`, which HF `generate` merges with our
-own arguments), so EOS cannot end a response early; both also suppress the vision tokens (ours always does; a
+(TRL: `generation_kwargs`; ours: `SamplingParams.min_new_tokens`, which every backend honours), so EOS cannot end
+a response early; both also suppress the vision tokens (ours always does; a
 sampled <|image_pad|> would break TRL's forward). The run JSON records the measured completion tokens per step.
 
 Step time: wall seconds between consecutive step ends (TRL: a callback's `on_step_end`; ours: around
@@ -132,10 +132,15 @@ def make_processor(tokenizer, cfg):
                                chat_template=CHAT_TEMPLATE)
 
 
-def build_checkpoint(model_dir: str) -> None:
-    from papo_engine.config import Config
+# model shapes of the shared checkpoint: the tiny default, and a larger tiny one (so a ratio is not one model's)
+SHAPES = {"tiny": [], "tiny-h128-l4": ["model.hidden_size=128", "model.num_layers=4", "model.num_heads=4",
+                                       "model.num_kv_heads=4", "model.intermediate_size=384"]}
+
+
+def build_checkpoint(model_dir: str, shape: str) -> None:
+    from papo_engine.config import load_config
     from papo_engine.models import load_policy, load_tokenizer
-    cfg = Config()
+    cfg = load_config(None, SHAPES[shape])
     tokenizer = load_tokenizer(cfg.model)
     load_policy(cfg.model, tokenizer, seed=SETTINGS["seed"]).save_pretrained(model_dir)
     make_processor(tokenizer, cfg).save_pretrained(model_dir)
@@ -173,14 +178,16 @@ def ours_overrides(args) -> list[str]:
 
 def run_ours(args, out_dir: str) -> list[dict]:
     from papo_engine.config import load_config
+    from papo_engine.rollout.hf import HFRollout
     from papo_engine.trainer import PAPOTrainer
-    cfg = load_config(None, [*ours_overrides(args), f"trainer.output_dir={out_dir}/run"])
+    cfg = load_config(None, [*ours_overrides(args), f"trainer.output_dir={out_dir}/run", *args.ours])
     trainer = PAPOTrainer(cfg)
-    trainer.hybrid.rollout.model.generation_config.min_new_tokens = args.tokens  # fixed-length responses
+    trainer.sampling.min_new_tokens = args.tokens  # fixed-length responses (eos held back, both backends)
     clock = PhaseClock()
     clock.wrap(trainer, "encode", "encode")
     clock.wrap(trainer, "reward", "rewards")
-    clock.wrap(trainer.hybrid.rollout.model, "generate", "generate")
+    rollout = trainer.hybrid.rollout  # native: its generate; hf: the model's generate, as on TRL's side
+    clock.wrap(rollout.model if isinstance(rollout, HFRollout) else rollout, "generate", "generate")
     clock.wrap(trainer.engine, "backward", "update.backward")
     clock.wrap(trainer.engine, "step", "update.optimizer")
     steps, last = [], time.perf_counter()
@@ -326,10 +333,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", help="the run's JSON")
+    parser.add_argument("--shape", choices=list(SHAPES), default="tiny", help="with --build-checkpoint")
+    parser.add_argument("--ours", nargs="*", default=[], help="extra overrides for our modes (e.g. rollout.backend=hf)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.build_checkpoint:
-        build_checkpoint(args.build_checkpoint)
+        build_checkpoint(args.build_checkpoint, args.shape)
         return
     if not (args.mode and args.model_dir and args.out):
         parser.error("--mode, --model-dir and --out are required")

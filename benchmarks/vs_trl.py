@@ -41,7 +41,7 @@ from bench_device import device_name  # benchmarks/ is on sys.path: these run as
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from trl_runner import MODES, PHASES, SETTINGS  # noqa: E402
+from trl_runner import MODES, PHASES, SETTINGS, SHAPES  # noqa: E402
 
 # distributed.keep_freed_memory's mallopt calls, as glibc environment variables
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
@@ -185,7 +185,8 @@ def fmt(s: dict, digits: int = 0, unit: str = "") -> str:
 def table(report: dict) -> str:
     sm, meta = report["summary"], report["meta"]
     head = f"{sm['throughput_ratio_vs_trl']:.2f}×" if sm["throughput_ratio_vs_trl"] else "n/a (TRL modes not run)"
-    lines = [f"# papo-engine vs TRL {meta['versions'].get('trl', '?')} PAPOTrainer on {meta['device']}", "",
+    lines = [f"# papo-engine vs TRL {meta['versions'].get('trl', '?')} PAPOTrainer on {meta['device']}, model shape "
+             f"{meta.get('shape', 'tiny')} {' '.join(meta.get('shape_overrides', []))}", "",
              f"Headline: ours PAPO ÷ TRL's best PAPO ({sm['trl_papo_best_mode']}), completion tokens/s, paired "
              f"median at {sm['configuration']}: **{head}**"
              + (f" (min {sm['throughput_ratio_vs_trl_min']:.2f}, max {sm['throughput_ratio_vs_trl_max']:.2f})"
@@ -275,6 +276,8 @@ def main() -> int:
     parser.add_argument("--python", default=str(ROOT / ".venv-trl" / "bin" / "python"),
                         help="interpreter for every run (both systems: the same torch)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--shape", choices=list(SHAPES), default="tiny",
+                        help="the shared checkpoint's shape (trl_runner.SHAPES); not tiny: vs_trl_<device>_<shape>.*")
     parser.add_argument("--smoke", action="store_true",
                         help="end-to-end check at tiny sizes: 1x2x4, 2 steps (1 measured), 1 repeat, no warm-up")
     args = parser.parse_args()
@@ -289,7 +292,8 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="vs_trl_") as tmp:
             model_dir = str(Path(tmp) / "checkpoint")
-            call(args.python, ["--build-checkpoint", model_dir], "", "building the shared checkpoint")
+            call(args.python, ["--build-checkpoint", model_dir, "--shape", args.shape], "",
+                 "building the shared checkpoint")
             if not args.smoke:  # compile our C++ kernel / DeepSpeed op once, outside every measured run
                 call(args.python, ["--mode", "ours_papo", "--model-dir", model_dir, "--prompts", "1", "--n", "2",
                                    "--tokens", "2", "--steps", "1", "--out", str(Path(tmp) / "warm.json")],
@@ -301,14 +305,15 @@ def main() -> int:
     report = summarize(runs, args)
     report["meta"] = {"device": device_name(), "platform": platform.platform(), "versions": versions(args.python),
                       "settings": SETTINGS, "repeats": args.repeats, "steps": args.steps, "drop": args.drop,
-                      "modes": args.modes, "malloc_env": MALLOC_ENV, "wall_s": time.time() - started,
+                      "modes": args.modes, "shape": args.shape, "shape_overrides": SHAPES[args.shape],
+                      "malloc_env": MALLOC_ENV, "wall_s": time.time() - started,
                       "threads": runs[0]["threads"]}
     report["runs"] = [{k: r[k] for k in ("config", "repeat", "mode", "step_s", "tokens_per_s", "peak_rss_mb",
                                          "wall_s", "fixed_length", "malloc_env")}
                       | {"step_seconds": [s["seconds"] for s in r["steps"]]} for r in runs]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"vs_trl_{report['meta']['device']}"
+    stem = out / f"vs_trl_{report['meta']['device']}{'' if args.shape == 'tiny' else '_' + args.shape}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     text = table(report)
     stem.with_suffix(".md").write_text(text)
