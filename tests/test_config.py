@@ -97,7 +97,9 @@ def _papo(*args):
     (["train", "algo.perception_kl=full", "algo.masked_grad=false"], "algo.perception_kl='full'"),
     (["train", "trainer.micro_batch_size=0"], "trainer.micro_batch_size=0"),
     (["train", "trainer.mini_batch_prompts=5"], "must divide trainer.prompts_per_step=16"),
-    (["train", "--resume=tests", "trainer.output_dir=/tmp/papo-no-such-run"], "--resume tests: not a complete checkpoint"),
+    # starts DeepSpeed's process group before the checkpoint is looked at (~10 s)
+    pytest.param(["train", "--resume=tests", "trainer.output_dir=/tmp/papo-no-such-run"],
+                 "--resume tests: not a complete checkpoint", marks=pytest.mark.slow),
 ])
 def test_cli_errors_are_one_line_exit_2(args, needle):
     result = _papo(*args)
@@ -107,6 +109,7 @@ def test_cli_errors_are_one_line_exit_2(args, needle):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # the second case loads the trainer in a subprocess
 def test_cli_malformed_yaml_and_unloadable_model_dir(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: {steps: 3\n")

@@ -12,6 +12,7 @@ import pytest
 from papo_engine.checkpoint import COMPLETE, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # trainings in subprocesses
 SMALL = ["warmup.steps=2", "trainer.prompts_per_step=4", "rollout.n=2", "trainer.micro_batch_size=4",
          "trainer.eval_samples=4", "rollout.max_new_tokens=8", "logging.plot=false", "logging.wandb=false"]
 

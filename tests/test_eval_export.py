@@ -51,6 +51,7 @@ def assert_same_logits(dir_a: Path, dir_b: Path, tiny):
     assert (logits[0] - logits[1]).abs().max() <= 1e-6
 
 
+@pytest.mark.slow
 def test_export_equals_the_trainers_model(trained, tmp_path, tiny):
     _papo("export", str(trained / "checkpoints" / "step-000002"), str(tmp_path / "hf"))
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
@@ -76,6 +77,7 @@ def _benchmark_file(folder: Path, count: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_eval_matches_a_direct_greedy_computation(trained, tmp_path, tiny):
     from transformers import Qwen2_5_VLForConditionalGeneration
     _, tokenizer, processor, _ = tiny
@@ -115,6 +117,7 @@ def _one_line_error(*args):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_eval_of_a_folder_without_weights_is_one_line(trained, tmp_path):
     bench = _benchmark_file(tmp_path / "bench", 1)
     config_only = trained / "checkpoints" / "step-000002" / "hf"  # config + tokenizer, no weights
@@ -125,6 +128,7 @@ def test_eval_of_a_folder_without_weights_is_one_line(trained, tmp_path):
     assert "is a training checkpoint" in line and f"papo export {checkpoint}" in line
 
 
+@pytest.mark.slow
 def test_export_of_a_damaged_checkpoint_or_onto_a_file_is_one_line(trained, tmp_path):
     import shutil
     damaged = shutil.copytree(trained / "checkpoints" / "step-000002", tmp_path / "step-000002")

@@ -64,6 +64,7 @@ def test_sequence_batch_moves_every_tensor_the_forward_reads():
                                                             seqs.masked_pixel_values)]
 
 
+@pytest.mark.slow
 def test_gpu_step_benchmark_runs_at_tiny_shapes(tmp_path):
     cmd = [sys.executable, "benchmarks/gpu_step.py", "--smoke", "--rounds", "2", "--out-dir", str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)

@@ -29,6 +29,7 @@ def test_hint_is_right_with_probability_rho_and_the_image_is_shape_colors():
         make_hint_sample(0, "eval", 0, 56, 0.7, "maybe")
 
 
+@pytest.mark.slow
 def test_mini_repro_two_steps_end_to_end(tmp_path):
     cmd = [sys.executable, "benchmarks/mini_repro.py", "--steps", "2", "--seeds", "0", "--prompts", "4",
            "--eval-samples", "4", "--eval-every", "1", "--warmup-steps", "2", "--out", str(tmp_path),

@@ -184,6 +184,7 @@ def test_official_loss_and_gradient_equal_the_authors(variant):
 # the trainer's micro-batch path, one step of the official preset on the tiny model
 
 
+@pytest.mark.slow
 def test_official_trainer_step_equals_the_authors_on_the_tiny_model(tmp_path):
     """One real step (rollout, rewards, raw-image masks, rollout-time log-probs of both branches and the reference,
     5 micro-batches of 4): the gradient the trainer accumulates equals the authors' per-micro-batch loss

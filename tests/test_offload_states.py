@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from papo_engine.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a 2-rank ZeRO-3 launch
 
 
 def test_zero3_offload_states_uses_fused_adam_and_changes_nothing(tmp_path):

@@ -100,6 +100,7 @@ def _assert_same_run(a, b):
     assert not differ, differ  # bit-identical parameters
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["grpo", "papo"])
 def test_reuse_gives_the_same_run_bit_for_bit(tmp_path, monkeypatch, mode):
     """GRPO and PAPO default, 3 steps, with and without the lever."""
@@ -117,6 +118,7 @@ def test_reuse_gives_the_same_run_bit_for_bit(tmp_path, monkeypatch, mode):
     assert with_reuse[3].reuse_update_forward
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, overrides, passes", [
     ("official", [], [16]),  # default: two micro-batches of 8 per pass -> one pass over the step's 16
     # whole micro-batches of 4 per pass: 12 -> 3 of them, then the remaining one
@@ -154,6 +156,7 @@ def _assert_close_run(with_reuse, without, label: str) -> None:
     assert worst[0] <= MASKED_NO_GRAD_RTOL, worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override", ["trainer.ppo_epochs=2", "trainer.mini_batch_prompts=2"])
 def test_separate_pass_runs_when_not_on_policy(tmp_path, monkeypatch, override):
     """Two epochs, or two optimizer steps per rollout: from the second optimizer step on the current policy is not
@@ -165,6 +168,7 @@ def test_separate_pass_runs_when_not_on_policy(tmp_path, monkeypatch, override):
     assert rows[0]["update/ppo_kl"] != 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("mode", ["papo", "official"])
 def test_rollout_is_weights_and_mismatch_from_the_update_forward(tmp_path, monkeypatch, level, mode):

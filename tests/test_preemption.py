@@ -10,12 +10,14 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from papo_engine.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # 2-rank trainings, signalled and resumed
 RUN = ["trainer.steps=5", "warmup.steps=2", "trainer.prompts_per_step=4", "rollout.n=2",
        "trainer.micro_batch_size=4", "rollout.max_new_tokens=8", "trainer.eval_samples=2", "logging.wandb=false",
        "logging.plot=false", "trainer.save_every=0", "deepspeed.zero_stage=2"]

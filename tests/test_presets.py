@@ -158,6 +158,7 @@ def test_all_presets_present_and_load():
         assert cfg.trainer.steps >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["papo_g_3b", "papo_d_3b", "grpo_3b"])
 def test_preset_two_steps_on_tiny_model(preset, tmp_path):
     cmd = [sys.executable, "-m", "papo_engine.cli", "train", "--config", str(ROOT / "configs" / f"{preset}.yaml"),

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # trainings in subprocesses, killed and resumed
 SMALL = ["warmup.steps=2", "trainer.prompts_per_step=4", "rollout.n=2", "trainer.micro_batch_size=4",
          "trainer.eval_samples=4", "rollout.max_new_tokens=8", "logging.plot=false"]
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # trainings in subprocesses
 SMALL = ["trainer.steps=3", "warmup.steps=2", "trainer.prompts_per_step=4", "rollout.n=2",
          "trainer.micro_batch_size=4", "trainer.eval_samples=8", "rollout.max_new_tokens=8"]
 

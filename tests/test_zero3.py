@@ -10,6 +10,7 @@ import pytest
 from papo_engine.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a 2-rank ZeRO-3 launch
 
 
 
