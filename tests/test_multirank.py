@@ -15,6 +15,7 @@ from papo_engine.config import official_overrides
 from papo_engine.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # 2-rank trainings against 1-rank ones
 RUN = ["trainer.steps=3", "warmup.steps=20", "trainer.prompts_per_step=4", "rollout.n=4",
        "trainer.micro_batch_size=4", "rollout.max_new_tokens=8", "trainer.eval_samples=1", "logging.wandb=false",
        "logging.plot=false", "trainer.save_every=0", "kernels.backend=torch"]
@@ -46,6 +47,13 @@ def one_rank_two_updates(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("one_mb"), 1, "trainer.mini_batch_prompts=2")
 
 
+@pytest.fixture(scope="module")
+def two_ranks_zero3(tmp_path_factory):
+    """The default run on two ZeRO-3 ranks: compared with one rank, and (on-policy reuse on, the default) with
+    the same run without reuse."""
+    return _train(tmp_path_factory.mktemp("two_z3"), 2, "deepspeed.zero_stage=3")
+
+
 def _assert_follows(reference, run):
     (rows_1, weights_1), (rows_2, weights_2) = reference, run
     assert len(rows_1) == len(rows_2) == 3
@@ -57,8 +65,9 @@ def _assert_follows(reference, run):
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_two_ranks_follow_one_rank(one_rank, tmp_path, zero_stage):
-    run = _train(tmp_path, 2, f"deepspeed.zero_stage={zero_stage}")
+def test_two_ranks_follow_one_rank(one_rank, tmp_path, zero_stage, request):
+    run = (request.getfixturevalue("two_ranks_zero3") if zero_stage == 3 else
+           _train(tmp_path, 2, f"deepspeed.zero_stage={zero_stage}"))
     _assert_follows(one_rank, run)
     rows_1, rows_2 = one_rank[0], run[0]
     assert rows_2[-1]["eval_accuracy"] == rows_1[-1]["eval_accuracy"]
@@ -88,13 +97,15 @@ def test_dapo_dynamic_sampling_on_two_zero3_ranks_runs_collectively(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["papo", "official"])
-def test_on_policy_reuse_on_two_zero3_ranks(tmp_path, mode):
+def test_on_policy_reuse_on_two_zero3_ranks(tmp_path, mode, request):
     """Old log-probs from the update forward (trainer.on_policy_reuse, the default) or from the separate no-grad
     pass, on two ZeRO-3 ranks (parameters gathered for every forward): the same run, bit for bit (PAPO); for
     `official` (no-grad forwards of the masked half as the micro-batches reach them, the update's head over both
     branches) the same within 1e-6 relative — not bit for bit by construction (other batch shapes)."""
     extra = official_overrides() if mode == "official" else []
-    on = _train(tmp_path / "on", 2, "deepspeed.zero_stage=3", *extra)
+    # reuse is the default: the PAPO run with it is the module's two-rank ZeRO-3 run
+    on = (request.getfixturevalue("two_ranks_zero3") if mode == "papo" else
+          _train(tmp_path / "on", 2, "deepspeed.zero_stage=3", *extra))
     off = _train(tmp_path / "off", 2, "deepspeed.zero_stage=3", "trainer.on_policy_reuse=false", *extra)
     for a, b in zip(on[0], off[0], strict=True):
         a, b = ({k: v for k, v in r.items() if not k.startswith("time/")} for r in (a, b))
