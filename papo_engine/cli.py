@@ -88,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(summary, indent=2))
     except ConfigError as err:
         from . import distributed as dist_utils
-        if not getattr(err, "main_only", False) or dist_utils.is_main():  # e.g. the run lock: rank 0 names it
+        together = getattr(err, "main_only", False)  # raised on every rank at once (the run lock, a bad reward)
+        if not together or dist_utils.is_main():  # then rank 0 names it, for the job
             print(f"papo: error: {err}", file=sys.stderr, flush=True)
+        if together:
+            dist_utils.barrier()  # leave together: launchers kill the other ranks as soon as one has exited
         return 2
     except Preempted as err:  # SIGTERM / SIGINT: a checkpoint was saved; 128 + the signal number
         from . import distributed as dist_utils

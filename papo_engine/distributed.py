@@ -97,3 +97,24 @@ def barrier() -> None:
 def is_main() -> bool:
     import torch.distributed as dist
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def raise_together(error: Exception | None) -> None:
+    """Collective (every rank calls it at the same point): when any rank has an error, every rank raises the
+    same `config.ConfigError` (the first such rank's text, naming that rank; printed by rank 0 only), so all
+    ranks leave at the same point with one line instead of the others failing in the next collective. With
+    one rank: raises `error` if there is one."""
+    import torch.distributed as dist
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        if error is not None:
+            raise error
+        return
+    if all_reduce_sum(float(error is not None)) == 0:
+        return
+    messages: list = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if error is None else str(error))
+    first, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+    from .config import ConfigError
+    together = ConfigError(f"rank {first} of {len(messages)}: {message}")
+    together.main_only = True  # one line for the job
+    raise together from error

@@ -256,7 +256,11 @@ class PAPOTrainer:
         prompts = self.encode(samples)
         out = self.hybrid.generate(prompts, self.sampling, timer, prompt_keys=keys)
         answers = [s.answer for s in samples for _ in range(self.sampling.n)]
-        scores = self.reward(out.texts, answers)
+        try:  # a bad reward on one rank's share stops every rank together, with one line (no hang)
+            scores, error = self.reward(out.texts, answers), None
+        except ConfigError as err:
+            scores, error = None, err
+        dist_utils.raise_together(error)
         if self.cfg.algo.overlong_buffer > 0:
             scores["reward"] = scores["reward"] + overlong_penalty(
                 out.response_mask.sum(1), self.sampling.max_new_tokens, self.cfg.algo.overlong_buffer,
@@ -501,6 +505,9 @@ class PAPOTrainer:
         summary = {"steps": len(history)}
         if not cfg.data.eval_files:
             summary["chance_accuracy"] = chance_accuracy(cfg.data.task)
+        for split, dataset in (("train", self.train_set), ("eval", self.eval_set)):  # local files: every rank
+            if getattr(dataset, "skipped", None) is not None:  # loads them all, so these counts are global
+                summary[f"data_{split}"] = {"loaded": len(dataset), "skipped": dict(dataset.skipped)}
         if cfg.trainer.save_final:  # before the evaluation: an error there must not lose the final weights
             path = self.out_dir / "checkpoint-final"
             try:
