@@ -1,0 +1,98 @@
+"""Two hosts with their own network interfaces: two network namespaces joined by a veth pair (iproute2, root),
+one `deepspeed --no_ssh --node_rank i` launcher per namespace, gloo over the veth addresses (not loopback: each
+namespace's only other interface is its own `lo`). Train with a checkpoint, then resume, as the loopback two-node
+test does. Nothing here addresses anything but the two namespaces' own addresses (10.231.<k>.1 and .2, in
+namespaces this test creates and deletes). Skipped, saying why, where namespaces cannot be created (not root, no
+`ip`, no CAP_NET_ADMIN)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from tests.test_resume import ROOT
+
+RUN = ["deepspeed.zero_stage=2", "trainer.prompts_per_step=4", "rollout.n=2", "warmup.steps=0",
+       "rollout.max_new_tokens=4", "trainer.eval_samples=2", "data.train_size=16", "data.eval_size=4",
+       "logging.wandb=false", "logging.plot=false", "trainer.save_every=2", "trainer.micro_batch_size=4"]
+PORT = "29533"  # inside the namespaces only: nothing else listens there
+
+
+def _ip(*args, check=True):
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+@pytest.fixture
+def two_hosts():
+    """Namespaces a and b, veth ends va (10.231.k.1) and vb (10.231.k.2); yields [(namespace, address, ifname)]."""
+    if shutil.which("ip") is None:
+        pytest.skip("two-namespace test: `ip` (iproute2) is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("two-namespace test: needs root (CAP_NET_ADMIN) to create network namespaces")
+    tag = uuid.uuid4().hex[:6]
+    names = [f"papo-{tag}-a", f"papo-{tag}-b"]
+    subnet = f"10.231.{int(tag[:2], 16)}"
+    created = []
+    try:
+        for ns in names:
+            made = _ip("netns", "add", ns, check=False)
+            if made.returncode:
+                pytest.skip(f"two-namespace test: cannot create a network namespace ({made.stderr.strip()})")
+            created.append(ns)
+        _ip("link", "add", f"va{tag}", "type", "veth", "peer", "name", f"vb{tag}")
+        hosts = []
+        for ns, end, host in ((names[0], f"va{tag}", 1), (names[1], f"vb{tag}", 2)):
+            _ip("link", "set", end, "netns", ns)
+            _ip("-n", ns, "addr", "add", f"{subnet}.{host}/24", "dev", end)
+            _ip("-n", ns, "link", "set", end, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            hosts.append((ns, f"{subnet}.{host}", end))
+        ping = subprocess.run(["ip", "netns", "exec", names[1], sys.executable, "-c",
+                               f"import socket; socket.create_connection(('{subnet}.1', 9), 2)"],
+                              capture_output=True, text=True)
+        assert "unreachable" not in ping.stderr.lower(), ping.stderr  # refused (nothing listens) = reachable
+        yield hosts
+    finally:
+        for ns in created:
+            _ip("netns", "del", ns, check=False)  # takes its veth end, and so the pair, with it
+
+
+def _two_nodes(hosts, hostfile, out, *extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
+                                                            "MASTER_ADDR")}
+    env["OMP_NUM_THREADS"] = "1"
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    master = hosts[0][1]
+    nodes = [subprocess.Popen(["ip", "netns", "exec", ns, launcher, "--hostfile", str(hostfile), "--no_ssh",
+                               "--node_rank", str(rank), "--master_addr", master, "--master_port", PORT,
+                               "--module", "papo_engine.cli", "train", f"trainer.output_dir={out}", *RUN, *extra],
+                              cwd=ROOT, env=dict(env, GLOO_SOCKET_IFNAME=ifname), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for rank, (ns, _, ifname) in enumerate(hosts)]
+    try:
+        results = [node.communicate(timeout=600) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    for node, (stdout, stderr) in zip(nodes, results):
+        assert node.returncode == 0, stderr[-3000:] + stdout[-3000:]
+    return results
+
+
+@pytest.mark.slow
+def test_two_hosts_over_a_veth_pair_train_save_and_resume(two_hosts, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    out = tmp_path / "run"
+    _two_nodes(two_hosts, hostfile, out, "trainer.steps=2")
+    checkpoint = out / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in (checkpoint / "rng").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
+    (node0_out, _), _ = _two_nodes(two_hosts, hostfile, out, "trainer.steps=3", "--resume")
+    assert f"resumed from {checkpoint} at step 2" in node0_out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
