@@ -71,6 +71,43 @@ def check_output_dir(output_dir: Path) -> None:
                           ) from None
 
 
+def check_shared_output_dir(output_dir: Path) -> None:
+    """Several processes: every rank must see the same trainer.output_dir (checkpoints are written by all ranks
+    into one folder, resumed from one folder). Rank 0 writes a token file there; every rank reads it back; any
+    rank that cannot (a node-local disk) makes every rank refuse with one line, before anything is written."""
+    import uuid
+
+    import torch.distributed as dist
+
+    from . import distributed as dist_utils
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    path = Path(output_dir) / f".shared-check-{token[0]}"
+    if dist.get_rank() == 0:
+        path.write_text(token[0])
+    dist_utils.barrier()
+    try:
+        seen = path.read_text() == token[0]
+    except OSError:
+        seen = False
+    import socket
+    hosts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, None if seen else socket.gethostname())
+    dist_utils.barrier()
+    if dist.get_rank() == 0:
+        path.unlink(missing_ok=True)
+    blind = [(r, h) for r, h in enumerate(hosts) if h is not None]
+    if blind:
+        shown = ", ".join(f"rank {r} on host {h}" for r, h in blind)
+        err = ConfigError(f"trainer.output_dir={str(output_dir)!r} is not shared by all ranks: {shown} cannot see the "
+                          f"file rank 0 wrote there (a node-local disk?); several nodes need trainer.output_dir on a "
+                          f"shared filesystem (all ranks write each checkpoint into one folder)")
+        err.main_only = True
+        raise err
+
+
 def checkpoints_dir(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 

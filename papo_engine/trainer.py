@@ -94,6 +94,7 @@ class PAPOTrainer:
         ckpt.check_output_dir(self.out_dir)
         # one run per folder (runlock.py): taken before anything in it is modified (partial checkpoints, metrics)
         self.run_lock = acquire_run_lock(self.out_dir, resume is not None, cfg.trainer.lock_wait_s)
+        ckpt.check_shared_output_dir(self.out_dir)  # several nodes: one folder seen by all, not node-local disks
         self.restart = False  # --resume found no complete checkpoint: the run starts again from step 0
         self.resume_from = self._resume_point(resume)
         saved = ckpt.read_trainer_state(self.resume_from) if self.resume_from else ckpt.TrainerState(0, 0)

@@ -61,13 +61,13 @@ def two_hosts():
             _ip("netns", "del", ns, check=False)  # takes its veth end, and so the pair, with it
 
 
-def _two_nodes(hosts, hostfile, out, *extra):
+def _two_nodes(hosts, hostfile, out, *extra, node1_prefix=(), check=True):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
                                                             "MASTER_ADDR")}
     env["OMP_NUM_THREADS"] = "1"
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     master = hosts[0][1]
-    nodes = [subprocess.Popen(["ip", "netns", "exec", ns, launcher, "--hostfile", str(hostfile), "--no_ssh",
+    nodes = [subprocess.Popen(["ip", "netns", "exec", ns, *(node1_prefix if rank else ()), launcher, "--hostfile", str(hostfile), "--no_ssh",
                                "--node_rank", str(rank), "--master_addr", master, "--master_port", PORT,
                                "--module", "papo_engine.cli", "train", f"trainer.output_dir={out}", *RUN, *extra],
                               cwd=ROOT, env=dict(env, GLOO_SOCKET_IFNAME=ifname), stdout=subprocess.PIPE,
@@ -80,8 +80,8 @@ def _two_nodes(hosts, hostfile, out, *extra):
             if node.poll() is None:
                 os.killpg(node.pid, signal.SIGKILL)
     for node, (stdout, stderr) in zip(nodes, results):
-        assert node.returncode == 0, stderr[-3000:] + stdout[-3000:]
-    return results
+        assert node.returncode == 0 or not check, stderr[-3000:] + stdout[-3000:]
+    return [(node.returncode, *result) for node, result in zip(nodes, results)] if not check else results
 
 
 @pytest.mark.slow
@@ -96,3 +96,24 @@ def test_two_hosts_over_a_veth_pair_train_save_and_resume(two_hosts, tmp_path):
     assert f"resumed from {checkpoint} at step 2" in node0_out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_node_local_output_dirs_are_refused_at_start(two_hosts, tmp_path):
+    """Node 1 sees its own empty disk at trainer.output_dir (a tmpfs mounted over the path in its own mount
+    namespace): both nodes stop at the start with one line naming the rank that cannot see rank 0's files, exit
+    2 — not at the first checkpoint or resume (before: the run went on, each node writing its own folder)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("node-local disk test: `unshare` (util-linux) is not installed")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    local_disk = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                  f"mount -t tmpfs papo-node-local {out} && exec \"$@\"", "sh"]
+    (code0, _, stderr0), (code1, _, stderr1) = _two_nodes(two_hosts, hostfile, out, "trainer.steps=2",
+                                                          node1_prefix=local_disk, check=False)
+    assert (code0, code1) == (2, 2), stderr0[-3000:] + stderr1[-3000:]  # the launchers pass the workers' code on
+    lines = [line for line in stderr0.splitlines() if line.startswith("papo:")]
+    assert len(lines) == 1 and "is not shared by all ranks: rank 1 on host " in lines[0], stderr0[-3000:]
+    assert "shared filesystem" in lines[0] and not (out / "metrics.jsonl").exists()
