@@ -216,6 +216,9 @@ class TrainerConfig:
     lock_wait_s: float = _f(300.0, low=0.0, help="--resume on an output_dir another run still holds (a requeue while the "
                                                  "old job writes its pre-emption checkpoint): seconds to wait for "
                                                  "it to end; 0 = refuse at once (a new run never waits)")
+    collective_timeout_s: float = _f(600.0, low=1.0, help="seconds a collective may wait for the other ranks before "
+                                                         "the run stops with one line (a lost node; DeepSpeed's "
+                                                         "default, 10 min); longer than the slowest rank's rollout")
 
 
 @dataclass

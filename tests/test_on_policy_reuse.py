@@ -23,8 +23,9 @@ def parity_reward(response: str, answer: str) -> dict[str, float]:
     return {"reward": float(len(response) % 2)}
 
 
-# 4 prompts x 4 responses = 16 sequences in 2 micro-batches of 8
-SMALL = ["trainer.steps=3", "warmup.steps=20", "trainer.prompts_per_step=4", "rollout.n=4",
+# 4 prompts x 4 responses = 16 sequences in 2 micro-batches of 8; a 2-step warm-start (parity_reward gives the
+# advantages, so a longer one adds nothing here: it was half of each run's time)
+SMALL = ["trainer.steps=3", "warmup.steps=2", "trainer.prompts_per_step=4", "rollout.n=4",
          "trainer.micro_batch_size=8", "rollout.max_new_tokens=8", "trainer.eval_samples=1", "trainer.save_every=0",
          "trainer.save_final=false", "logging.wandb=false", "logging.plot=false",
          f"reward.function={__name__}.parity_reward"]
