@@ -42,7 +42,8 @@ DEEPSPEED_TAG = "state"
 # way, old_policy.py): none of them changes the training itself
 RESUMABLE_CHANGES = ("trainer.steps", "trainer.save_every", "trainer.keep_last", "trainer.eval_every",
                      "trainer.max_nonfinite_steps", "trainer.output_dir", "trainer.eval_samples",
-                     "trainer.save_final", "trainer.on_policy_reuse", "trainer.lock_wait_s", "logging.")
+                     "trainer.save_final", "trainer.on_policy_reuse", "trainer.lock_wait_s",
+                     "trainer.collective_timeout_s", "logging.")
 # a write that failed with less than this left on the filesystem failed because the disk is full: torch.save
 # reports that only as "unexpected pos ..." or "basic_ios::clear: iostream error", without an errno
 FULL_DISK_BYTES = 1 << 20

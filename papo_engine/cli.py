@@ -1,7 +1,7 @@
 """`papo train | eval | export` — parse, validate, hand a config to the trainer.
 
 Exit codes: 0 done; 2 a configuration or input error (one line); 1 training stopped (non-finite steps, full
-disk; one line, a checkpoint saved where possible); 143 / 130 stopped by SIGTERM / SIGINT (one line: what was
+disk, a rank or node lost: trainer.collective_timeout_s; one line, a checkpoint saved where possible); 143 / 130 stopped by SIGTERM / SIGINT (one line: what was
 saved, or that nothing was yet, and how to continue; after the first step a checkpoint, `--resume` continues).
 A `papo train` on an output folder another live run holds exits 2 (`runlock.py`).
 """
@@ -48,6 +48,16 @@ def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="training checkpoint (any ZeRO stage) -> Hugging Face model directory")
     p.add_argument("checkpoint", help="a <output_dir>/checkpoints/step-NNNNNN folder")
     p.add_argument("out_dir", help="where to write config.json, model.safetensors, tokenizer and processor files")
+
+
+def _lost_rank(err: RuntimeError) -> bool:
+    """A collective failed because another rank is gone (its connection closed, or no answer in time)."""
+    import torch.distributed as dist
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    text = str(err)
+    return isinstance(err, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("gloo", "Connection closed by peer", "Connection reset by peer", "NCCL", "Timed out"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except TrainingStopped as err:
         print(f"papo: stopped: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        if not _lost_rank(err):
+            raise
+        from .checkpoint import complete_checkpoints
+        found = complete_checkpoints(cfg.trainer.output_dir)
+        newest = f"the newest complete checkpoint is {found[-1]}" if found else "no checkpoint was completed yet"
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)[:200]
+        print(f"papo: stopped: lost contact with another rank (a node lost or a rank killed; a collective waits "
+              f"trainer.collective_timeout_s={cfg.trainer.collective_timeout_s:g} s): {first}; {newest}: continue "
+              f"with --resume once every node is back", file=sys.stderr, flush=True)
         return 1
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -45,14 +45,18 @@ def prepare_environment() -> None:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-def init_distributed() -> tuple[int, int]:
-    """Initialise torch.distributed through DeepSpeed; returns (rank, world_size)."""
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed; returns (rank, world_size). `timeout_s`: how long a
+    collective waits for the other ranks (trainer.collective_timeout_s; DeepSpeed's default 600 s when None)."""
     prepare_environment()
+    import datetime
+
     import deepspeed
     import torch.distributed as dist
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        extra = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, **extra)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()

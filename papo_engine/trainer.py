@@ -81,7 +81,7 @@ class PAPOTrainer:
     def __init__(self, cfg: Config, resume: str | None = None):
         """`resume`: "latest" or a checkpoint folder to continue from; None starts a new run."""
         self.cfg = cfg
-        self.rank, self.world = dist_utils.init_distributed()
+        self.rank, self.world = dist_utils.init_distributed(cfg.trainer.collective_timeout_s)
         self.device = dist_utils.device()  # where the update runs; rollouts, rewards and masks work on the host
         mini_batch = cfg.trainer.mini_batch_prompts or cfg.trainer.prompts_per_step
         if mini_batch % self.world:

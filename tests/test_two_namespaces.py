@@ -61,21 +61,27 @@ def two_hosts():
             _ip("netns", "del", ns, check=False)  # takes its veth end, and so the pair, with it
 
 
-def _two_nodes(hosts, hostfile, out, *extra, node1_prefix=(), check=True):
+def _launch(hosts, hostfile, out, *extra, node1_prefix=(), program=("--module", "papo_engine.cli", "train"),
+            env_extra=None):
+    """One `deepspeed` launcher per namespace, started (not waited for)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
                                                             "MASTER_ADDR")}
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(OMP_NUM_THREADS="1", **(env_extra or {}))
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     master = hosts[0][1]
-    nodes = [subprocess.Popen(["ip", "netns", "exec", ns, *(node1_prefix if rank else ()), launcher, "--hostfile", str(hostfile), "--no_ssh",
-                               "--node_rank", str(rank), "--master_addr", master, "--master_port", PORT,
-                               "--module", "papo_engine.cli", "train", f"trainer.output_dir={out}", *RUN, *extra],
-                              cwd=ROOT, env=dict(env, GLOO_SOCKET_IFNAME=ifname), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-             for rank, (ns, _, ifname) in enumerate(hosts)]
+    return [subprocess.Popen(["ip", "netns", "exec", ns, *(node1_prefix if rank else ()), launcher, "--hostfile",
+                              str(hostfile), "--no_ssh", "--node_rank", str(rank), "--master_addr", master,
+                              "--master_port", PORT, *program, f"trainer.output_dir={out}", *RUN, *extra],
+                             cwd=ROOT, env=dict(env, GLOO_SOCKET_IFNAME=ifname), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+            for rank, (ns, _, ifname) in enumerate(hosts)]
+
+
+def _two_nodes(hosts, hostfile, out, *extra, node1_prefix=(), check=True):
+    nodes = _launch(hosts, hostfile, out, *extra, node1_prefix=node1_prefix)
     try:
         results = [node.communicate(timeout=600) for node in nodes]
-    finally:
+    finally:  # a hung node must not outlive the test
         for node in nodes:
             if node.poll() is None:
                 os.killpg(node.pid, signal.SIGKILL)
@@ -117,3 +123,55 @@ def test_node_local_output_dirs_are_refused_at_start(two_hosts, tmp_path):
     lines = [line for line in stderr0.splitlines() if line.startswith("papo:")]
     assert len(lines) == 1 and "is not shared by all ranks: rank 1 on host " in lines[0], stderr0[-3000:]
     assert "shared filesystem" in lines[0] and not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_run_ends_the_other_in_bounded_time(two_hosts, tmp_path):
+    """After checkpoint step-2, node 1 vanishes as in a power loss: its veth goes down first (no FIN or RST ever
+    reaches node 0), then its processes are SIGKILLed. Node 0, waiting in the next collective, ends within
+    trainer.collective_timeout_s (10 s here) plus the launcher's shutdown with one line naming the timeout and
+    the checkpoint, exit 1, no hang; --resume on both nodes (veth back up) continues from step-2 to exactly the
+    uninterrupted run's metrics and weights."""
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.test_resume import _metrics
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    run = ["trainer.steps=3", "trainer.collective_timeout_s=10"]
+    straight, lost, hold = tmp_path / "straight", tmp_path / "lost", tmp_path / "hold"
+    _two_nodes(two_hosts, hostfile, straight, *run)
+    hold.touch()
+    nodes = _launch(two_hosts, hostfile, lost, *run, env_extra={"PARK_FROM_STEP": "2"},
+                    program=(str(ROOT / "tests" / "multiproc" / "park_after_steps.py"), str(hold), "train"))
+    try:
+        deadline = time.time() + 300
+        while not (lost / "checkpoints" / "step-000002" / "COMPLETE").is_file():
+            assert all(n.poll() is None for n in nodes) and time.time() < deadline, nodes[0].communicate()[1][-3000:]
+            time.sleep(0.05)
+        ns_b, _, end_b = two_hosts[1]
+        _ip("-n", ns_b, "link", "set", end_b, "down")
+        os.killpg(nodes[1].pid, signal.SIGKILL)
+        nodes[1].wait()
+        cut = time.time()
+        hold.unlink()  # node 0 goes on into the next collective, where node 1 never answers
+        _, stderr0 = nodes[0].communicate(timeout=120)
+        took = time.time() - cut
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert nodes[0].returncode == 1, stderr0[-3000:]
+    assert took < 60, took  # 10 s timeout + the launcher's shutdown; no hang
+    lines = [line for line in stderr0.splitlines() if line.startswith("papo:")]
+    assert len(lines) == 1 and "lost contact with another rank" in lines[0], stderr0[-3000:]
+    assert "trainer.collective_timeout_s=10 s" in lines[0]
+    assert f"the newest complete checkpoint is {lost / 'checkpoints' / 'step-000002'}" in lines[0]
+    _ip("-n", ns_b, "link", "set", end_b, "up")
+    _two_nodes(two_hosts, hostfile, lost, *run, "--resume")
+    assert _metrics(lost) == _metrics(straight)
+    a = load_file(straight / "checkpoint-final" / "model.safetensors")
+    b = load_file(lost / "checkpoint-final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
