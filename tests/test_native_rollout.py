@@ -1,19 +1,12 @@
 """The native rollout (`rollout.backend=native`) against HF generate and the trainer's forward: the same tokens under
 keyed sampling (prompts of different lengths, two images in one prompt, eos mid-way, top-p, greedy), log-probs
 equal to the trainer's, its CUDA-graph-shaped step equal to the plain one, and 2 ZeRO-3 ranks equal to 1 process."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from papo_engine.actor import SequenceBatch, prefill, prompt_positions, response_token_stats
 from papo_engine.batching import repeat_prompts, select_prompts
 from papo_engine.data import GeneratedDataset
-from papo_engine.distributed import free_port
 from papo_engine.models import encode_prompts
 from papo_engine.rollout.base import SamplingParams
 from papo_engine.rollout.decoder import TextDecoder
@@ -21,8 +14,7 @@ from papo_engine.rollout.hf import HFRollout
 from papo_engine.rollout.native import NativeRollout
 
 from model_copies import eos_prone
-
-ROOT = Path(__file__).resolve().parents[1]
+from two_ranks import run_two_ranks
 
 
 def mixed_prompts(tokenizer, processor):
@@ -137,14 +129,7 @@ def test_the_fixed_shape_step_of_the_cuda_graph_equals_the_plain_step(setup):
 @pytest.mark.slow
 def test_two_zero3_ranks_generate_what_one_process_generates(tmp_path):
     """Each rank decodes its own prompts with the text weights gathered once; ranks stop at different steps."""
-    out = tmp_path / "verdict.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(ROOT / "tests" / "multiproc" / "native_rollout_zero3.py"), str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    verdict = json.loads(out.read_text())
+    verdict = run_two_ranks("native_rollout_zero3.py", tmp_path)
     assert verdict["partitioned"], "the test must run with ZeRO-3-partitioned weights"
     assert verdict["ranks_texts"] == verdict["one_process_texts"]
     assert verdict["steps_per_rank"][0] != verdict["steps_per_rank"][1], verdict["steps_per_rank"]
