@@ -13,7 +13,23 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR",
                       os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache",
                                    "torch_extensions"))
 
+# two xdist workers on 2 cores (scripts/test.sh): one torch thread each, inherited by the trainings they start —
+# two 2-thread torch processes on 2 cores slow each other down many times over
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 import pytest  # noqa: E402
+
+# the longest files first, so that neither worker is left with one of them at the end (`--dist loadfile` hands
+# files out in collection order)
+LONG_FIRST = ("test_warmup.py", "test_two_namespaces.py", "test_preemption.py", "test_on_policy_reuse.py",
+              "test_resume.py", "test_multirank.py", "test_launchers.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: file order kept otherwise
 
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
