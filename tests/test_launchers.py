@@ -2,7 +2,6 @@
 sharded training checkpoint exports to the same model the run saved."""
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from papo_engine.distributed import free_port
+from two_ranks import wait_for_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # deepspeed-launcher trainings (2 ranks, two simulated nodes)
@@ -61,15 +61,7 @@ def _two_nodes(hostfile, out, *extra):
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)
              for rank in (0, 1)]
-    try:
-        results = [node.communicate(timeout=600) for node in nodes]
-    finally:  # a hung node must not outlive the test
-        for node in nodes:
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
-    for node, (stdout, stderr) in zip(nodes, results):
-        assert node.returncode == 0, stderr[-3000:] + stdout[-3000:]
-    return results
+    return wait_for_nodes(nodes)
 
 
 def test_two_nodes_simulated_on_loopback_train_save_and_resume(tmp_path):

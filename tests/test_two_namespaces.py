@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from tests.test_resume import ROOT
+from two_ranks import wait_for_nodes
 
 RUN = ["deepspeed.zero_stage=2", "trainer.prompts_per_step=4", "rollout.n=2", "warmup.steps=0",
        "rollout.max_new_tokens=4", "trainer.eval_samples=2", "data.train_size=16", "data.eval_size=4",
@@ -79,14 +80,7 @@ def _launch(hosts, hostfile, out, *extra, node1_prefix=(), program=("--module", 
 
 def _two_nodes(hosts, hostfile, out, *extra, node1_prefix=(), check=True):
     nodes = _launch(hosts, hostfile, out, *extra, node1_prefix=node1_prefix)
-    try:
-        results = [node.communicate(timeout=600) for node in nodes]
-    finally:  # a hung node must not outlive the test
-        for node in nodes:
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
-    for node, (stdout, stderr) in zip(nodes, results):
-        assert node.returncode == 0 or not check, stderr[-3000:] + stdout[-3000:]
+    results = wait_for_nodes(nodes, check=check)
     return [(node.returncode, *result) for node, result in zip(nodes, results)] if not check else results
 
 
