@@ -96,19 +96,20 @@ def main(argv: list[str] | None = None) -> int:
             from . import distributed as dist_utils
             if dist_utils.is_main():
                 print(json.dumps(summary, indent=2))
+            dist_utils.leave_together()
     except ConfigError as err:
         from . import distributed as dist_utils
         together = getattr(err, "main_only", False)  # raised on every rank at once (the run lock, a bad reward)
         if not together or dist_utils.is_main():  # then rank 0 names it, for the job
             print(f"papo: error: {err}", file=sys.stderr, flush=True)
         if together:
-            dist_utils.barrier()  # leave together: launchers kill the other ranks as soon as one has exited
+            dist_utils.leave_together()
         return 2
     except Preempted as err:  # SIGTERM / SIGINT: a checkpoint was saved; 128 + the signal number
         from . import distributed as dist_utils
         if dist_utils.is_main():  # every rank stops at the same step; one line for the job
             print(f"papo: stopped: {err}", file=sys.stderr, flush=True)
-        dist_utils.barrier()  # leave together: launchers kill the other ranks as soon as one has exited
+        dist_utils.leave_together()
         return err.exit_code
     except TrainingStopped as err:
         print(f"papo: stopped: {err}", file=sys.stderr)

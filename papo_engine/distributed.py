@@ -98,6 +98,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_together() -> None:
+    """Every rank at the same point (the run's end, or an error raised on all ranks at once): wait for the
+    others, then close the process group before the interpreter exits. Launchers kill the other ranks as soon
+    as one has exited, and a gloo group left to interpreter exit can abort a rank whose peer has already gone
+    (`terminate called without an active exception`, exit 250 through the launcher)."""
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_main() -> bool:
     import torch.distributed as dist
     return not dist.is_initialized() or dist.get_rank() == 0

@@ -115,7 +115,7 @@ def test_the_fixed_shape_step_of_the_cuda_graph_equals_the_plain_step(setup):
         hidden, cache = prefill(model, prompts.input_ids, prompts.attention_mask, positions, prompts.pixel_values,
                                 prompts.image_grid_thw)
         for decoder in (plain, full):
-            decoder.fill_prompt(cache, rows_from, prompts.attention_mask[rows_from])
+            decoder.fill_prompt(cache, 2, prompts.attention_mask)
         start = positions.amax(dim=(0, 2))[rows_from] + 1
         tokens = torch.randint(0, 500, (8,), generator=torch.Generator().manual_seed(0))
         for t in range(steps):

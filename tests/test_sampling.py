@@ -58,11 +58,14 @@ def test_inverse_cdf_quantiles_and_zero_probability_tokens():
 
 
 def test_two_level_search_equals_one_cumulative_sum_across_blocks():
-    """Over several vocabulary blocks (BLOCK entries each) the two-level search takes the token a single float64
-    cumulative sum over the whole vocabulary takes, zero-probability blocks and block edges included."""
-    from papo_engine.rollout.sampling import BLOCK
+    """Over many vocabulary blocks (block_size(V) entries each, the last one short) the two-level search takes the
+    token a single float64 cumulative sum over the whole vocabulary takes, zero-probability blocks and block edges
+    included."""
+    from papo_engine.rollout.sampling import block_size
     g = torch.Generator().manual_seed(0)
-    vocab = 3 * BLOCK + 17
+    vocab = 3 * 1024 + 17
+    BLOCK = block_size(vocab)
+    assert vocab % BLOCK and vocab // BLOCK > 3
     logits = torch.randn(64, vocab, generator=g) * 3
     logits[:, BLOCK:2 * BLOCK] = float("-inf")  # a whole block of probability 0
     u = torch.rand(64, generator=g, dtype=torch.float64)

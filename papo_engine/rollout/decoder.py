@@ -64,15 +64,16 @@ class TextDecoder:
         self.key_mask = torch.zeros(rows, capacity, dtype=torch.bool, device=weight.device)
         self.graph = None
 
-    def fill_prompt(self, cache, rows_from: torch.Tensor, prompt_mask: torch.Tensor) -> None:
-        """Copy a prefill's DynamicCache (one entry per distinct prompt) into the slots 0..P-1 of every row:
-        row r takes distinct prompt rows_from[r]. `prompt_mask` [rows, P] marks the prompts' real tokens."""
-        width = prompt_mask.shape[1]
+    def fill_prompt(self, cache, n: int, prompt_mask: torch.Tensor) -> None:
+        """Copy a prefill's DynamicCache (one entry per distinct prompt) into the slots 0..P-1 of every row: rows
+        g·n … g·n + n − 1 take prompt g (a broadcast copy, no [rows, …] intermediate). `prompt_mask` [B, P] marks
+        the prompts' real tokens."""
+        prompts, width = prompt_mask.shape
         for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
-            keys[:, :, :width] = cache.layers[layer].keys[rows_from]
-            values[:, :, :width] = cache.layers[layer].values[rows_from]
+            for slots, prefilled in ((keys, cache.layers[layer].keys), (values, cache.layers[layer].values)):
+                slots.view(prompts, n, *slots.shape[1:])[:, :, :, :width].copy_(prefilled.unsqueeze(1))
         self.key_mask.zero_()
-        self.key_mask[:, :width] = prompt_mask.bool()
+        self.key_mask.view(prompts, n, -1)[:, :, :width] = prompt_mask.bool().unsqueeze(1)
 
     def first_logits(self, prompt_hidden: torch.Tensor) -> torch.Tensor:
         """lm_head on the prefill's last hidden state [B, d] (it predicts the first response token)."""

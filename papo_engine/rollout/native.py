@@ -30,7 +30,7 @@ from ..models import PromptBatch
 from ..prompts import vision_token_ids
 from .base import RolloutOutput, SamplingParams, response_keys, response_mask_from_ids
 from .decoder import TextDecoder, text_parameters
-from .sampling import inverse_cdf_sample, keyed_sample
+from .sampling import inverse_cdf_sample, keyed_sample, row_streams
 
 
 def _gathered(params: list[torch.nn.Parameter]):
@@ -73,10 +73,10 @@ class NativeRollout:
         try:
             for start in range(0, num_prompts, per_call):
                 index = list(range(start, min(start + per_call, num_prompts)))
-                keys = None
+                streams = None  # keyed sampling: one random stream per response, from (seed, its key)
                 if sampling.seed is not None and prompt_keys is not None:
-                    keys = response_keys([prompt_keys[i] for i in index], sampling.n)
-                pieces.append(self._generate_chunk(select_prompts(prompts, index), sampling, keys))
+                    streams = row_streams(sampling.seed, response_keys([prompt_keys[i] for i in index], sampling.n))
+                pieces.append(self._generate_chunk(select_prompts(prompts, index), sampling, streams))
         finally:
             self.model.train(was_training)
         width = max(ids.shape[1] for ids, _ in pieces)
@@ -89,7 +89,7 @@ class NativeRollout:
             logprobs = torch.cat([torch.nn.functional.pad(lp, (0, width - lp.shape[1])) for _, lp in pieces]) * mask
         return RolloutOutput(response_ids, mask, texts, logprobs)
 
-    def _generate_chunk(self, prompts: PromptBatch, sampling: SamplingParams, keys: torch.Tensor | None):
+    def _generate_chunk(self, prompts: PromptBatch, sampling: SamplingParams, streams: torch.Tensor | None):
         """(response ids [B·n, T], sampled-token log-probs [B·n, T]) for B distinct prompts, on the host."""
         model, n = self.model, sampling.n
         device = next(model.parameters()).device
@@ -110,11 +110,11 @@ class NativeRollout:
         done = 0
         with _gathered(text_parameters(model)):
             decoder = self._decoder(rows, P + steps, graphed)
-            decoder.fill_prompt(cache, rows_from, prompts.attention_mask[rows_from])
+            decoder.fill_prompt(cache, n, prompts.attention_mask)
             del cache
             logits = decoder.first_logits(hidden[:, -1])[rows_from]  # left-padded: the last slot is the prompt's end
             for t in range(steps):
-                tokens, logprobs = self._sample(logits, t, sampling, keys, suppress)
+                tokens, logprobs = self._sample(logits, t, sampling, streams, suppress)
                 tokens = tokens.masked_fill(finished, self.pad)
                 tokens_out[:, t] = tokens
                 logprobs_out[:, t] = logprobs.masked_fill(finished, 0.0)
@@ -130,7 +130,7 @@ class NativeRollout:
                     logits = decoder.step(tokens, step_positions, slot, width=P + t + 1)
         return tokens_out[:, :done].cpu(), logprobs_out[:, :done].cpu()
 
-    def _sample(self, logits: torch.Tensor, t: int, sampling: SamplingParams, keys: torch.Tensor | None,
+    def _sample(self, logits: torch.Tensor, t: int, sampling: SamplingParams, streams: torch.Tensor | None,
                 suppress: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token t of every row, and its log-prob under log_softmax(logits / T) over the whole vocabulary (0 when
         greedy). `logits` is this step's own tensor: the suppression is written into it."""
@@ -143,8 +143,8 @@ class NativeRollout:
             x[:, self.eos] = float("-inf")
         if temperature == 0:
             return x.argmax(-1), torch.zeros(len(x), device=x.device)
-        if keys is not None:
-            tokens = keyed_sample(x, sampling.seed, keys, t, temperature, sampling.top_p)
+        if streams is not None:
+            tokens = keyed_sample(x, streams, t, temperature, sampling.top_p)
         else:
             tokens = inverse_cdf_sample(x, temperature, sampling.top_p, torch.rand(len(x), dtype=torch.float64))
         # a drawn token is never a suppressed one, so its entry still holds the policy's logit

@@ -5,11 +5,14 @@ batch — and so on the number of ranks the prompts were split over. Here each r
 per token, u = hash(seed, key, position), and takes the token where the cumulative distribution of
 softmax(logits / T) (restricted to the top-p nucleus when top_p < 1) first exceeds u: inverse-CDF sampling, an
 exact sample from that distribution, and the same key gives the same response in any batch on any rank. Its
-cost per token is one hash per row plus a cumulative sum over the vocabulary (a Gumbel-max draw needs one hash per
-row and vocabulary entry: 4.9 M a token at Qwen's 151,936 × 32 rows). Every backend that samples from the
+cost per token is one short hash per row (the (seed, key) part is hashed once per rollout: `row_streams`) plus one
+pass over the vocabulary (a Gumbel-max draw needs one hash per row and vocabulary entry: 4.9 M a token at Qwen's
+151,936 × 32 rows). Every backend that samples from the
 trainer's module (`hf`, `native`) calls `keyed_sample`, so they draw the same tokens under the same keys.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from transformers import LogitsProcessor
@@ -27,13 +30,23 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def keyed_uniform(seed: int, keys: torch.Tensor, position: int) -> torch.Tensor:
-    """u in (0, 1), shape [len(keys)], float64: a pure function of (seed, key, position)."""
+def row_streams(seed: int, keys: torch.Tensor) -> torch.Tensor:
+    """One 32-bit stream state per row [len(keys)], int64: a pure function of (seed, key). Computed once per
+    rollout; each token then costs two mixes (`stream_uniform`)."""
     keys = keys.to(torch.int64)
     row = _mix32(_mix32(torch.tensor(seed, dtype=torch.int64, device=keys.device)) ^ (keys & _MASK32))
-    row = _mix32(row ^ (keys >> 32))
-    h = _mix32(_mix32(row ^ position) + row)
+    return _mix32(row ^ (keys >> 32))
+
+
+def stream_uniform(streams: torch.Tensor, position: int) -> torch.Tensor:
+    """u in (0, 1), float64, one per row: a pure function of the row's stream and the position."""
+    h = _mix32(_mix32(streams ^ position) + streams)
     return (h.to(torch.float64) + 0.5) / 2.0 ** 32
+
+
+def keyed_uniform(seed: int, keys: torch.Tensor, position: int) -> torch.Tensor:
+    """u in (0, 1), shape [len(keys)], float64: a pure function of (seed, key, position)."""
+    return stream_uniform(row_streams(seed, keys), position)
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -47,44 +60,54 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-BLOCK = 1024  # vocabulary entries per block of the two-level search below
+def block_size(vocab: int) -> int:
+    """Vocabulary entries per block of the two-level search below: the power of two nearest above √V, so the
+    two levels cost about the same (576 entries: 32; Qwen's 151,936: 512). A block wider than the vocabulary would
+    make the second level a pass over padding (at 576 entries a 1,024-wide block was most of a draw's time)."""
+    return max(16, 1 << math.ceil(math.log2(math.sqrt(vocab))))
 
 
 def inverse_cdf_sample(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor) -> torch.Tensor:
     """Token ids [rows]: row i's draw from softmax(top_p_filter(logits_i / T)) at quantile u_i (u in (0, 1)).
 
     The weights exp(logit / T − max) are searched in token-id order in two levels — the cumulative (float64) sum
-    of the sums of blocks of BLOCK tokens, then the cumulative sum inside the one block that holds the quantile — so a draw costs one pass
-    over the vocabulary plus BLOCK, not a cumulative sum over it (at 151,936 × 32 rows, a float64 cumsum was most
-    of a decode step). The token taken is the first whose cumulative weight reaches u · total, which is never a
-    token of weight 0 (the cumulative weight does not rise there)."""
+    of the sums of blocks of `block_size(V)` tokens, then the cumulative sum inside the one block that holds the
+    quantile — so a draw costs one pass over the vocabulary plus two short cumulative sums, not a cumulative sum
+    over it (at 151,936 × 32 rows, a float64 cumsum was most of a decode step). The token taken is the first whose
+    cumulative weight reaches u · total, which is never a token of weight 0 (the cumulative weight does not rise
+    there)."""
     rows, vocab = logits.shape
     x = logits.float()
     x = top_p_filter(x / temperature if temperature != 1.0 else x, top_p)
     weights = torch.exp(x - x.amax(-1, keepdim=True))                                     # [rows, V]
-    full = vocab // BLOCK
-    sums = [weights[:, :full * BLOCK].view(rows, full, BLOCK).sum(-1)]
-    if vocab > full * BLOCK:
-        sums.append(weights[:, full * BLOCK:].sum(-1, keepdim=True))
-    block_cdf = torch.cat(sums, 1).double().cumsum(-1)                                    # [rows, blocks]
+    width = block_size(vocab)
+    full = vocab // width
+    sums = weights[:, :full * width].view(rows, full, width).sum(-1)
+    if vocab > full * width:
+        sums = torch.cat([sums, weights[:, full * width:].sum(-1, keepdim=True)], 1)
+    block_cdf = sums.double().cumsum(-1)                                                  # [rows, blocks]
     blocks = block_cdf.shape[1]
     target = u.to(block_cdf.device, torch.float64) * block_cdf[:, -1]
     block = torch.searchsorted(block_cdf, target.unsqueeze(1), right=True).squeeze(1).clamp(max=blocks - 1)
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
-    index = block.unsqueeze(1) * BLOCK + torch.arange(BLOCK, device=weights.device)       # [rows, BLOCK]
-    inside = weights.gather(1, index.clamp(max=vocab - 1)).masked_fill(index >= vocab, 0.0)
+    index = block.unsqueeze(1) * width + torch.arange(width, device=weights.device)       # [rows, width]
+    if vocab % width:  # the last block is short: its missing entries weigh 0
+        inside = weights.gather(1, index.clamp(max=vocab - 1)).masked_fill(index >= vocab, 0.0)
+    else:
+        inside = weights.gather(1, index)
     inside = inside.cumsum(-1, dtype=torch.float64) + before.unsqueeze(1)
     # strictly above the mass before the block, at most its end (the two sums round differently)
     target = torch.minimum(torch.maximum(target, torch.nextafter(before, torch.full_like(before, 2.0))),
                            inside[:, -1])
     offset = torch.searchsorted(inside, target.unsqueeze(1)).squeeze(1)
-    return (block * BLOCK + offset).clamp(max=vocab - 1)
+    return (block * width + offset).clamp(max=vocab - 1)
 
 
-def keyed_sample(logits: torch.Tensor, seed: int, keys: torch.Tensor, position: int, temperature: float,
+def keyed_sample(logits: torch.Tensor, streams: torch.Tensor, position: int, temperature: float,
                  top_p: float) -> torch.Tensor:
-    """The keyed draw of response token `position` (0 = the first generated token) for rows keyed `keys`."""
-    return inverse_cdf_sample(logits, temperature, top_p, keyed_uniform(seed, keys.to(logits.device), position))
+    """The keyed draw of response token `position` (0 = the first generated token) for rows whose
+    `row_streams(seed, keys)` are `streams`."""
+    return inverse_cdf_sample(logits, temperature, top_p, stream_uniform(streams.to(logits.device), position))
 
 
 class KeyedSampler(LogitsProcessor):
@@ -92,11 +115,11 @@ class KeyedSampler(LogitsProcessor):
     come back 0 at the drawn token and −inf elsewhere, so greedy's argmax takes it."""
 
     def __init__(self, keys: torch.Tensor, seed: int, temperature: float, top_p: float, prompt_width: int):
-        self.keys, self.seed = keys, seed
+        self.streams = row_streams(seed, keys)
         self.temperature, self.top_p, self.prompt_width = temperature, top_p, prompt_width
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         position = input_ids.shape[1] - self.prompt_width  # tokens generated so far (prompts are left-padded)
-        tokens = keyed_sample(scores, self.seed, self.keys, position, self.temperature, self.top_p)
+        tokens = keyed_sample(scores, self.streams, position, self.temperature, self.top_p)
         drawn = torch.full_like(scores, float("-inf"))
         return drawn.scatter_(1, tokens.unsqueeze(1), 0.0)
