@@ -48,14 +48,28 @@ from bench_device import device_name  # benchmarks/ is on sys.path: these run as
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = {"grpo": ["algo.gamma=0"], "papo_g": []}
+# The computations a user can pick for PAPO-G (gamma 0.02 in all), beside GRPO. `--methods` picks among them; the
+# default pair is the headline. The computation study runs all five (docs/benchmarks.md).
+METHODS = {
+    "grpo": ["algo.gamma=0"],                                                  # no masked branch at all
+    "papo_g": [],                                                              # ours: both branches, clamp 0.2
+    "papo_g_authors": ["algo.masked_grad=false", "algo.perception_kl_clamp=null"],  # masked branch no-grad
+    "papo_g_presets": ["algo.perception_kl_clamp=null"],                       # papo_g_3b: both, no clamp, eta 0
+    "papo_g_presets_eta": ["algo.perception_kl_clamp=null", "algo.eta_orig=0.05",  # papo_g_7b's double entropy
+                           "algo.eta_mask=0.05"],
+}
+DEFAULT_METHODS = ["grpo", "papo_g"]
+CHANCE = 0.25  # 4 colours
+COLLAPSE_AFTER = 100  # a run collapsed if both held-out splits are at or below chance at an evaluation after this step
+RUNAWAY_NATS = 5.0  # the perception KL ran away if held-out reliance (mean KL per token, nats) ever exceeds this
 SPLITS = ("hint_right", "hint_wrong")
 # no checkpoints, plots or W&B: the JSON is the record. The warm-start teaches no perception of the colour (no
 # attribute probe), as when the committed results were measured: here the question is whether RL learns to look.
 COMMON = ["trainer.save_every=0", "trainer.save_final=false", "logging.wandb=false", "logging.plot=false",
           "trainer.eval_every=0", "trainer.eval_samples=1", "warmup.answer_balance=batch",
           "warmup.attribute_probe=false"]
-TRAIN_KEYS = ("reward", "accuracy", "format", "perception_kl", "perception_reliance_mean", "time/step")
+TRAIN_KEYS = ("reward", "accuracy", "format", "perception_kl", "perception_reliance_mean", "entropy", "response_length",
+              "grad_norm", "lr", "update/pg_clipfrac", "update/ppo_kl", "time/step")  # what an early collapse shows
 EVAL_KEY_OFFSET = 10_000_000  # mask keys of held-out items, far from any training prompt's key
 EVAL_MASK_SEED = 0
 
@@ -129,10 +143,10 @@ def run_one(method: str, seed: int, args, out_root: str) -> dict:
         return point
 
     curve, train = [measure(0)], []
-    for step in range(args.steps):
+    for step in range(args.stop_after or args.steps):  # --stop-after: the first steps of the full schedule
         metrics = trainer.train_step(step)
         train.append({"step": step, **{k: metrics[k] for k in TRAIN_KEYS if k in metrics}})
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.eval_every == 0 or step + 1 == (args.stop_after or args.steps):
             curve.append(measure(step + 1))
     trainer.tracker.close()
     final = curve[-1]
@@ -150,7 +164,7 @@ def run_in_process(method: str, seed: int, args, out_root: str, threads: int) ->
     result = Path(out_root, f"{method}_seed{seed}.json")
     argv = [sys.executable, __file__, "--worker", method, str(seed), str(result), "--steps", str(args.steps),
             "--prompts", str(args.prompts), "--rho", str(args.rho), "--eval-samples", str(args.eval_samples),
-            "--eval-every", str(args.eval_every), *(["--warmup-steps", str(args.warmup_steps)]
+            "--eval-every", str(args.eval_every), "--stop-after", str(args.stop_after), *(["--warmup-steps", str(args.warmup_steps)]
                                                     if args.warmup_steps is not None else []), *args.overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     done = subprocess.run(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
@@ -164,6 +178,19 @@ def _spread(values: list[float]) -> dict:
             "min": min(values), "max": max(values), "values": values}
 
 
+def collapsed(run: dict) -> bool:
+    """At an evaluation after step COLLAPSE_AFTER, accuracy at or below chance on both splits at once: the answer
+    follows neither the image nor the hint (a constant answer, or a broken format). A hint-copier is not collapsed
+    (it scores 1 where the hint is right); it shows as hint-wrong accuracy near 0."""
+    return any(all(point[name]["accuracy"] <= CHANCE for name in SPLITS)
+               for point in run["curve"] if point["step"] > COLLAPSE_AFTER)
+
+
+def kl_ran_away(run: dict) -> bool:
+    """Held-out perception reliance above RUNAWAY_NATS at any evaluation: the KL raised by degrading a branch."""
+    return any(point[name]["reliance_mean"] > RUNAWAY_NATS for point in run["curve"] for name in SPLITS)
+
+
 def summarize(runs: list[dict]) -> dict:
     summary = {}
     for method in dict.fromkeys(r["method"] for r in runs):
@@ -174,6 +201,8 @@ def summarize(runs: list[dict]) -> dict:
                                      for k in ("accuracy", "hint_follow", "reliance_mean")}
         last = [statistics.fmean(row["reward"] for row in r["train"][-max(1, len(r["train"]) // 5):]) for r in mine]
         summary[method]["train_reward_last_20pct"] = _spread(last)
+        summary[method]["collapsed_seeds"] = [r["seed"] for r in mine if collapsed(r)]
+        summary[method]["kl_runaway_seeds"] = [r["seed"] for r in mine if kl_ran_away(r)]
     seeds = {r["seed"] for r in runs}
     summary["same_warm_start_per_seed"] = all(len({r["warm_start_checksum"] for r in runs if r["seed"] == s}) == 1
                                               for s in seeds)
@@ -191,6 +220,11 @@ def table(report: dict) -> str:
             cells = [f"{v['mean']:.3f} ± {v['std']:.3f} ({v['min']:.2f}–{v['max']:.2f})"
                      for v in (s[method][name][k] for k in ("accuracy", "hint_follow", "reliance_mean"))]
             lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"Collapsed (both splits at or below chance, {CHANCE}, at an evaluation after step {COLLAPSE_AFTER}) and "
+              f"perception KL ran away (held-out reliance above {RUNAWAY_NATS:g} nats at an evaluation), seeds:", "",
+              "| method | collapsed | KL ran away |", "|---|---|---|"]
+    lines += [f"| {m} | {s[m]['collapsed_seeds'] or 'none'} | {s[m]['kl_runaway_seeds'] or 'none'} |"
+              for m in report["methods"]]
     lines += ["", "Per seed (final): accuracy hint-right / hint-wrong, training reward over the last 20% of steps:", "",
               "| method | seed | hint-right acc | hint-wrong acc | hint-wrong followed | train reward | minutes |",
               "|---|---|---|---|---|---|---|"]
@@ -212,7 +246,8 @@ def plot(report: dict, path: Path) -> None:
               ("hint_right", "accuracy", "held-out accuracy, hint right"),
               ("hint_wrong", "reliance_mean", "perception reliance (mean KL), hint wrong")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    colors = {"grpo": "tab:blue", "papo_g": "tab:red"}
+    colors = {"grpo": "tab:blue", "papo_g": "tab:red", "papo_g_authors": "tab:green", "papo_g_presets": "tab:purple",
+              "papo_g_presets_eta": "tab:orange"}
     for ax, (split, key, title) in zip(axes, panels):
         for method in report["methods"]:
             runs = [r for r in report["runs"] if r["method"] == method]
@@ -238,12 +273,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step (x rollout.n responses)")
     parser.add_argument("--rho", type=float, default=0.7, help="probability that a training hint is right")
     parser.add_argument("--eval-samples", type=int, default=100, help="held-out items per split")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--warmup-steps", type=int, default=None, help="stage-0 steps (default: the config's)")
+    parser.add_argument("--stop-after", type=int, default=0,
+                        help="train only the first N of --steps steps (the same lr schedule): the early phase")
     parser.add_argument("--jobs", type=int, default=0, help="runs at once (default: one per core, up to the runs)")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "SEED", "RESULT_JSON"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for mini_repro_<device>.{json,md,png}")
@@ -251,6 +288,8 @@ def main() -> None:
     args = parser.parse_args()
     if not 0.0 <= args.rho <= 1.0 or args.steps < 1 or args.eval_every < 1 or args.eval_samples < 1:
         parser.error("--rho must be in [0, 1]; --steps, --eval-every and --eval-samples must be >= 1")
+    if not 0 <= args.stop_after <= args.steps:
+        parser.error("--stop-after must be in [0, --steps] (0: all steps)")
     if args.jobs < 0:
         parser.error("--jobs must be >= 0 (0: one per core)")
     sys.path.insert(0, str(ROOT))
@@ -262,7 +301,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"mini_repro_{device_name()}"
     report = {"device": device_name(), "platform": platform.platform(), "command": " ".join(sys.argv),
-              "steps": args.steps, "seeds": args.seeds, "methods": args.methods, "rho": args.rho,
+              "steps": args.steps, "stop_after": args.stop_after, "seeds": args.seeds, "methods": args.methods, "rho": args.rho,
               "prompts_per_step": args.prompts, "eval_samples": args.eval_samples, "eval_every": args.eval_every,
               "runs": []}
     order = [(seed, method) for seed in args.seeds for method in args.methods]  # seed-major: partial = paired

@@ -60,3 +60,47 @@ def test_mini_repro_two_steps_end_to_end(tmp_path):
             assert acc["std"] == 0.0 and acc["min"] <= acc["mean"] <= acc["max"]
     table = path.with_suffix(".md").read_text()
     assert "| papo_g | hint_wrong |" in table and "Same warm-start for both methods on every seed: True" in table
+
+
+@pytest.mark.slow
+def test_the_computation_study_command_at_tiny_sizes(tmp_path):
+    """Every method of the study, 2 of 6 scheduled steps (--stop-after): each run trains with its own overrides, on
+    the full run's lr schedule, and the summary counts collapsed and runaway seeds per method."""
+    from papo_engine.config import load_config
+    from papo_engine.trainer import learning_rate
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mini_repro import METHODS
+    methods = list(METHODS)
+    cmd = [sys.executable, "benchmarks/mini_repro.py", "--steps", "6", "--stop-after", "2", "--seeds", "0",
+           "--methods", *methods, "--jobs", "2", "--prompts", "2", "--eval-samples", "2", "--eval-every", "1",
+           "--warmup-steps", "1", "--out", str(tmp_path), "rollout.max_new_tokens=6", "optim.warmup_steps=3"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [path] = list(tmp_path.glob("mini_repro_*.json"))
+    report = json.loads(path.read_text())
+    assert report["methods"] == methods and report["stop_after"] == 2
+    optim = load_config(None, ["optim.warmup_steps=3"]).optim
+    for run in report["runs"]:
+        assert all(o in run["overrides"] for o in METHODS[run["method"]])
+        assert [row["step"] for row in run["train"]] == [0, 1] and [p["step"] for p in run["curve"]] == [0, 1, 2]
+        assert [row["lr"] for row in run["train"]] == pytest.approx([learning_rate(s, 6, optim) for s in (0, 1)])
+        assert ("perception_kl" in run["train"][0]) == (run["method"] != "grpo")
+    for method in methods:
+        assert isinstance(report["summary"][method]["collapsed_seeds"], list)
+        assert isinstance(report["summary"][method]["kl_runaway_seeds"], list)
+    assert "| papo_g_presets_eta |" in path.with_suffix(".md").read_text()
+
+
+def test_collapse_and_runaway_read_the_curve_after_the_stated_step():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mini_repro import COLLAPSE_AFTER, RUNAWAY_NATS, collapsed, kl_ran_away
+
+    def point(step, acc, reliance=0.1):
+        return {"step": step, **{s: {"accuracy": acc, "reliance_mean": reliance} for s in ("hint_right", "hint_wrong")}}
+    early_dip = {"curve": [point(0, 0.3), point(COLLAPSE_AFTER, 0.0), point(COLLAPSE_AFTER + 50, 0.9)]}
+    late_dip = {"curve": [point(0, 0.3), point(COLLAPSE_AFTER + 50, 0.25)]}
+    hint_copier = {"curve": [point(0, 0.3), point(COLLAPSE_AFTER + 50, 1.0)]}
+    hint_copier["curve"][-1]["hint_wrong"]["accuracy"] = 0.0
+    assert not collapsed(early_dip) and collapsed(late_dip) and not collapsed(hint_copier)
+    assert kl_ran_away({"curve": [point(0, 0.3), point(50, 0.9, RUNAWAY_NATS + 0.1)]})
+    assert not kl_ran_away({"curve": [point(0, 0.3), point(50, 0.9, RUNAWAY_NATS)]})
