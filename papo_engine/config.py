@@ -159,6 +159,7 @@ class OptimConfig:
     lr: float = _f(1e-3, low=0.0, low_open=True)
     weight_decay: float = _f(0.0, low=0.0)
     betas: list = _f([0.9, 0.99])
+    eps: float = _f(1e-8, low=0.0, low_open=True, help="Adam's epsilon (added to the root of its second moment)")
     grad_clip: float = _f(1.0, low=0.0, low_open=True)
     warmup_steps: int = _f(0, low=0, help="linear lr warm-up steps")
     lr_schedule: str = _f("cosine", choices=["constant", "cosine"], help="after warm-up; cosine ends at 10% of lr")

@@ -59,7 +59,8 @@ class TrainingEngine:
 
         self.cfg = cfg
         params = [p for p in model.parameters() if p.requires_grad]
-        adam = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+        adam = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                    weight_decay=cfg.optim.weight_decay)
         if cfg.deepspeed.offload_optimizer:  # optimizer states live on the CPU: DeepSpeed's vectorized CPU AdamW
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **adam)

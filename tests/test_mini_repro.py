@@ -104,3 +104,54 @@ def test_collapse_and_runaway_read_the_curve_after_the_stated_step():
     assert not collapsed(early_dip) and collapsed(late_dip) and not collapsed(hint_copier)
     assert kl_ran_away({"curve": [point(0, 0.3), point(50, 0.9, RUNAWAY_NATS + 0.1)]})
     assert not kl_ran_away({"curve": [point(0, 0.3), point(50, 0.9, RUNAWAY_NATS)]})
+
+
+def test_early_phase_counts_breaks_per_arm_and_carries_earlier_arms_forward(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from early_phase import BREAK_FORMAT, load_arms, summarize_arm, table
+
+    def run(method, seed, formats, final_acc):
+        return {"method": method, "seed": seed, "train": [{"step": s, "format": f} for s, f in enumerate(formats)],
+                "curve": [{"step": 0, "hint_wrong": {"accuracy": 0.3}},
+                          {"step": len(formats), "hint_wrong": {"accuracy": final_acc}}]}
+    low, ok = BREAK_FORMAT - 0.01, BREAK_FORMAT  # a break is strictly below the threshold
+    runs = [run("grpo", 1, [ok, low, low, ok], 0.5), run("grpo", 0, [ok, ok, ok, ok], 0.3),
+            run("papo_g", 0, [0.0, ok, ok, ok], 0.4)]
+    summary = summarize_arm(runs)
+    assert summary["grpo"]["seeds"] == [0, 1] and summary["grpo"]["runs_with_a_break"] == 1
+    assert summary["grpo"]["broken_steps"] == [0, 2] and summary["grpo"]["first_break_step"] == [None, 1]
+    assert summary["grpo"]["lowest_format"] == low and summary["grpo"]["last_eval_step"] == 4
+    assert summary["grpo"]["hint_wrong_acc_at_last_eval"]["mean"] == pytest.approx(0.4)
+    assert summary["grpo"]["hint_wrong_acc_at_last_eval"]["std"] == pytest.approx(2 ** 0.5 * 0.1)
+    assert summary["papo_g"]["first_break_step"] == [0] and summary["papo_g"]["lowest_format"] == 0.0
+    # an arm from a mini_repro JSON, and one carried forward from an earlier early-phase JSON under its own name
+    (tmp_path / "new.json").write_text(json.dumps({"command": "mini_repro.py x=1", "runs": runs}))
+    (tmp_path / "old.json").write_text(json.dumps({"arms": {"base": runs[:1]}, "commands": {"base": "mini_repro.py"}}))
+    arms, commands = load_arms([f"x={tmp_path / 'new.json'}", f"ignored={tmp_path / 'old.json'}"])
+    assert sorted(arms) == ["base", "x"] and commands == {"x": "mini_repro.py x=1", "base": "mini_repro.py"}
+    text = table({"question": "q", "device": "d", "date": "t", "commands": commands,
+                  "summary": {name: summarize_arm(r) for name, r in arms.items()}})
+    assert "| x | grpo | 1 / 2 | 2 (0, 2) | –, 1 |" in text
+    with pytest.raises(SystemExit, match="expected NAME=FILE"):
+        load_arms(["no_equals_sign"])
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(SystemExit, match="neither a mini_repro JSON"):
+        load_arms([f"y={tmp_path / 'other.json'}"])
+
+
+@pytest.mark.slow
+def test_update_size_first_adam_step_scales_with_lr(tmp_path):
+    """Adam's first step is lr * sign(gradient) per coordinate (the same gradient for both arms: same seed, same
+    warm-start, same rollout), so halving the lr halves the whole model's relative change."""
+    tiny = "trainer.prompts_per_step=2 rollout.max_new_tokens=6 warmup.steps=2"
+    cmd = [sys.executable, "benchmarks/update_size.py", "--seeds", "0", "--steps", "1", "--out", str(tmp_path),
+           "--arm", f"full={tiny}", "--arm", f"half={tiny} optim.lr=0.0005"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [path] = list(tmp_path.glob("mini_repro_update_size_*.json"))
+    arms = json.loads(path.read_text())["arms"]
+    [full], [half] = arms["full"]["0"], arms["half"]["0"]
+    assert full["lr"] == pytest.approx(2 * half["lr"]) and full["grad_norm"] == pytest.approx(half["grad_norm"])
+    assert full["relative_change"] / half["relative_change"] == pytest.approx(2.0, rel=0.02)
+    assert 0 <= full["tiny_gradient_coords_moved_over_half_lr"] <= 1 and len(full["largest_tensor_changes"]) == 5
+    assert "| half | 0 | 0 |" in path.with_suffix(".md").read_text()
