@@ -1,6 +1,6 @@
 """The paper's claim in miniature: with a text shortcut available, does PAPO's perception loss make the policy look?
 
-    python benchmarks/mini_repro.py            # GRPO and PAPO-G, seeds 0 1 2, 600 steps: ~40 min on 2 CPU cores alone
+    python benchmarks/mini_repro.py            # GRPO and PAPO-G, seeds 0-4, 600 steps: ~35 min on 2 CPU cores alone
     python benchmarks/mini_repro.py --steps 2 --seeds 0 --prompts 4 --eval-samples 4 --eval-every 1 --out /tmp/mr
 
 Task `shape_color_hint` (papo_engine/hint_task.py): the image always shows the answer (one coloured shape); the
@@ -26,8 +26,8 @@ torch processes slow each other down many times over.
 Writes benchmarks/results/mini_repro_<device>.json (per run: curves, final per-sample reliance, training
 metrics; "summary": mean, sample std, min, max over seeds per method and split), .md (tables) and .png
 (held-out accuracy on hint-wrong items over steps per method, and the other two measures). Budget (2 cores,
-machine alone, 1 thread per run): ~0.85 s per GRPO step and ~1.25 s per PAPO step (16 prompts x 8), warm-start
-~20 s, one evaluation ~5 s.
+machine alone, 1 thread per run, 2026-12-03): ~5 min per GRPO run and ~7 min per PAPO-G run (600 steps of 16
+prompts x 8, with the ~20 s warm-start and 13 evaluations).
 """
 from __future__ import annotations
 
@@ -272,7 +272,7 @@ def plot(report: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step (x rollout.n responses)")
     parser.add_argument("--rho", type=float, default=0.7, help="probability that a training hint is right")
