@@ -116,14 +116,21 @@ def evaluate(trainer, dataset, batch_size: int = 50) -> dict:
             "per_sample_reliance": reliance}
 
 
+def run_overrides(method: str, seed: int, output_dir: str, steps: int = 600, prompts: int = 16, rho: float = 0.7,
+                  extra: tuple = ()) -> list[str]:
+    """The config overrides of one run of the study (defaults: this script's)."""
+    return [*COMMON, "data.task=shape_color_hint", f"data.hint_accuracy={rho}", f"trainer.seed={seed}",
+            f"trainer.steps={steps}", f"trainer.prompts_per_step={prompts}", f"trainer.output_dir={output_dir}",
+            *METHODS[method], *extra]
+
+
 def run_one(method: str, seed: int, args, out_root: str) -> dict:
     from papo_engine.config import load_config
     from papo_engine.hint_task import HintDataset
     from papo_engine.trainer import PAPOTrainer
 
-    overrides = [*COMMON, "data.task=shape_color_hint", f"data.hint_accuracy={args.rho}", f"trainer.seed={seed}",
-                 f"trainer.steps={args.steps}", f"trainer.prompts_per_step={args.prompts}",
-                 f"trainer.output_dir={out_root}/{method}_seed{seed}", *METHODS[method], *args.overrides]
+    overrides = run_overrides(method, seed, f"{out_root}/{method}_seed{seed}", args.steps, args.prompts, args.rho,
+                              args.overrides)
     if args.warmup_steps is not None:
         overrides.append(f"warmup.steps={args.warmup_steps}")
     cfg = load_config(None, overrides)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bench_device import device_name  # benchmarks/ is on sys.path: these run as scripts
-from mini_repro import COMMON, METHODS
+from mini_repro import METHODS, run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -41,9 +41,7 @@ def measure_run(seed: int, method: str, steps: int, overrides: list[str]) -> lis
     from papo_engine.trainer import PAPOTrainer
 
     with tempfile.TemporaryDirectory() as out_dir:
-        cfg = load_config(None, [*COMMON, "data.task=shape_color_hint", "data.hint_accuracy=0.7",
-                                 f"trainer.seed={seed}", "trainer.steps=600", "trainer.prompts_per_step=16",
-                                 f"trainer.output_dir={out_dir}", *METHODS[method], *overrides])
+        cfg = load_config(None, run_overrides(method, seed, out_dir, extra=overrides))
         trainer = PAPOTrainer(cfg)
         beta2 = cfg.optim.betas[1]
         named = [(n, p) for n, p in trainer.engine.module.named_parameters() if p.requires_grad]
