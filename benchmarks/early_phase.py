@@ -19,13 +19,9 @@ import statistics
 from pathlib import Path
 
 from bench_device import device_name  # benchmarks/ is on sys.path: these run as scripts
+from mini_repro import BREAK_FORMAT, broken_steps
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-BREAK_FORMAT = 0.5
-
-
-def broken_steps(run: dict) -> list[int]:
-    return [row["step"] for row in run["train"] if row["format"] < BREAK_FORMAT]
 
 
 def summarize_arm(runs: list[dict]) -> dict:

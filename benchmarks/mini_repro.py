@@ -54,14 +54,16 @@ METHODS = {
     "grpo": ["algo.gamma=0"],                                                  # no masked branch at all
     "papo_g": [],                                                              # ours: both branches, clamp 0.2
     "papo_g_authors": ["algo.masked_grad=false", "algo.perception_kl_clamp=null"],  # masked branch no-grad
-    "papo_g_presets": ["algo.perception_kl_clamp=null"],                       # papo_g_3b: both, no clamp, eta 0
-    "papo_g_presets_eta": ["algo.perception_kl_clamp=null", "algo.eta_orig=0.05",  # papo_g_7b's double entropy
-                           "algo.eta_mask=0.05"],
+    # the presets' computation before this study (papo_g_3b's values: both branches, no clamp, eta 0), and with
+    # papo_g_7b's double entropy; the presets now clamp (configs/papo_g_3b.yaml)
+    "papo_g_presets": ["algo.perception_kl_clamp=null"],
+    "papo_g_presets_eta": ["algo.perception_kl_clamp=null", "algo.eta_orig=0.05", "algo.eta_mask=0.05"],
 }
 DEFAULT_METHODS = ["grpo", "papo_g"]
 CHANCE = 0.25  # 4 colours
 COLLAPSE_AFTER = 100  # a run collapsed if both held-out splits are at or below chance at an evaluation after this step
 RUNAWAY_NATS = 5.0  # the perception KL ran away if held-out reliance (mean KL per token, nats) ever exceeds this
+BREAK_FORMAT = 0.5  # a training batch broke the format if fewer than this fraction of its responses kept think/box
 SPLITS = ("hint_right", "hint_wrong")
 # no checkpoints, plots or W&B: the JSON is the record. The warm-start teaches no perception of the colour (no
 # attribute probe), as when the committed results were measured: here the question is whether RL learns to look.
@@ -193,6 +195,11 @@ def collapsed(run: dict) -> bool:
                for point in run["curve"] if point["step"] > COLLAPSE_AFTER)
 
 
+def broken_steps(run: dict) -> list[int]:
+    """Training steps whose batch has an answer-format fraction below BREAK_FORMAT."""
+    return [row["step"] for row in run["train"] if row["format"] < BREAK_FORMAT]
+
+
 def kl_ran_away(run: dict) -> bool:
     """Held-out perception reliance above RUNAWAY_NATS at any evaluation: the KL raised by degrading a branch."""
     return any(point[name]["reliance_mean"] > RUNAWAY_NATS for point in run["curve"] for name in SPLITS)
@@ -210,10 +217,50 @@ def summarize(runs: list[dict]) -> dict:
         summary[method]["train_reward_last_20pct"] = _spread(last)
         summary[method]["collapsed_seeds"] = [r["seed"] for r in mine if collapsed(r)]
         summary[method]["kl_runaway_seeds"] = [r["seed"] for r in mine if kl_ran_away(r)]
+        summary[method]["broken_format_batches"] = [len(broken_steps(r)) for r in mine]
     seeds = {r["seed"] for r in runs}
     summary["same_warm_start_per_seed"] = all(len({r["warm_start_checksum"] for r in runs if r["seed"] == s}) == 1
                                               for s in seeds)
     return summary
+
+
+SETTINGS = ("device", "steps", "stop_after", "rho", "prompts_per_step", "eval_samples", "eval_every")
+
+
+def _shared_overrides(run: dict) -> list[str]:
+    """A run's overrides less what differs by design between runs: its method's, its seed and its output folder."""
+    own = set(METHODS[run["method"]]) | {f"trainer.seed={run['seed']}"}
+    return [o for o in run["overrides"] if o not in own and not o.startswith("trainer.output_dir=")]
+
+
+def merge(sources: list[tuple[str, dict]]) -> dict:
+    """One report from the runs of several (a study run in parts): the same settings and overrides in every run,
+    each (method, seed) once. Raises ValueError naming the file and what differs."""
+    first_name, first = sources[0]
+    runs, origin = [], {}
+    for name, report in sources:
+        for key in SETTINGS:
+            if report[key] != first[key]:
+                raise ValueError(f"{name}: {key} = {report[key]!r}, but {first_name} has {first[key]!r}")
+        expected = _shared_overrides(first["runs"][0])
+        for run in report["runs"]:
+            mine = _shared_overrides(run)
+            if mine != expected:
+                raise ValueError(f"{name}: {run['method']} seed {run['seed']} ran with "
+                                 f"{[o for o in mine if o not in expected] or 'no more'} and without "
+                                 f"{[o for o in expected if o not in mine] or 'none'} of the overrides in {first_name}")
+            if (run["method"], run["seed"]) in origin:
+                raise ValueError(f"{name}: {run['method']} seed {run['seed']} is in {origin[run['method'], run['seed']]} too")
+            origin[run["method"], run["seed"]] = name
+            runs.append(run)
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    runs.sort(key=lambda r: (r["seed"], methods.index(r["method"])))
+    merged = {key: first[key] for key in ("platform", *SETTINGS)}
+    merged.update(seeds=sorted({r["seed"] for r in runs}), methods=methods, runs=runs,
+                  merged_from=[{"file": name, "command": report["command"], "jobs": report["jobs"],
+                                "torch_threads": report["torch_threads"]} for name, report in sources])
+    merged["summary"] = summarize(runs)
+    return merged
 
 
 def table(report: dict) -> str:
@@ -227,11 +274,12 @@ def table(report: dict) -> str:
             cells = [f"{v['mean']:.3f} ± {v['std']:.3f} ({v['min']:.2f}–{v['max']:.2f})"
                      for v in (s[method][name][k] for k in ("accuracy", "hint_follow", "reliance_mean"))]
             lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"Collapsed (both splits at or below chance, {CHANCE}, at an evaluation after step {COLLAPSE_AFTER}) and "
-              f"perception KL ran away (held-out reliance above {RUNAWAY_NATS:g} nats at an evaluation), seeds:", "",
-              "| method | collapsed | KL ran away |", "|---|---|---|"]
-    lines += [f"| {m} | {s[m]['collapsed_seeds'] or 'none'} | {s[m]['kl_runaway_seeds'] or 'none'} |"
-              for m in report["methods"]]
+    lines += ["", f"Collapsed (both splits at or below chance, {CHANCE}, at an evaluation after step {COLLAPSE_AFTER}), "
+              f"perception KL ran away (held-out reliance above {RUNAWAY_NATS:g} nats at an evaluation), seeds; "
+              f"training batches with format below {BREAK_FORMAT} per seed:", "",
+              "| method | collapsed | KL ran away | broken-format batches |", "|---|---|---|---|"]
+    lines += [f"| {m} | {s[m]['collapsed_seeds'] or 'none'} | {s[m]['kl_runaway_seeds'] or 'none'} | "
+              f"{s[m]['broken_format_batches']} |" for m in report["methods"]]
     lines += ["", "Per seed (final): accuracy hint-right / hint-wrong, training reward over the last 20% of steps:", "",
               "| method | seed | hint-right acc | hint-wrong acc | hint-wrong followed | train reward | minutes |",
               "|---|---|---|---|---|---|---|"]
@@ -267,6 +315,8 @@ def plot(report: dict, path: Path) -> None:
         if key == "accuracy":  # chance from the image alone; a pure hint-copier scores 0 (wrong) or 1 (right)
             ax.axhline(0.25, color="gray", linestyle="--", linewidth=1, label="chance (4 colours)")
             ax.set_ylim(-0.02, 1.02)
+        else:  # a run-away KL reaches tens of nats, a healthy one stays below 1
+            ax.set_yscale("symlog", linthresh=0.1)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -291,6 +341,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=0, help="runs at once (default: one per core, up to the runs)")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "SEED", "RESULT_JSON"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for mini_repro_<device>.{json,md,png}")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="instead of running: one record from earlier mini_repro JSONs of the same settings")
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value) for every run")
     args = parser.parse_args()
     if not 0.0 <= args.rho <= 1.0 or args.steps < 1 or args.eval_every < 1 or args.eval_samples < 1:
@@ -307,6 +359,13 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"mini_repro_{device_name()}"
+    if args.merge:
+        try:
+            report = merge([(str(path), json.loads(path.read_text())) for path in args.merge])
+        except (OSError, ValueError, KeyError) as error:
+            raise SystemExit(f"mini_repro --merge: {error}") from None
+        report["command"] = " ".join(sys.argv)
+        return write(report, stem)
     report = {"device": device_name(), "platform": platform.platform(), "command": " ".join(sys.argv),
               "steps": args.steps, "stop_after": args.stop_after, "seeds": args.seeds, "methods": args.methods, "rho": args.rho,
               "prompts_per_step": args.prompts, "eval_samples": args.eval_samples, "eval_every": args.eval_every,
@@ -321,6 +380,11 @@ def main() -> None:
             report["runs"].append(future.result())
             report["summary"] = summarize(report["runs"])
             stem.with_suffix(".json").write_text(json.dumps(report, indent=1))  # partial results survive a crash
+    write(report, stem)
+
+
+def write(report: dict, stem: Path) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     stem.with_suffix(".md").write_text(table(report))
     plot(report, stem.with_suffix(".png"))
     print(table(report))

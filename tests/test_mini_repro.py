@@ -145,7 +145,7 @@ def test_update_size_first_adam_step_scales_with_lr(tmp_path):
     warm-start, same rollout), so halving the lr halves the whole model's relative change."""
     tiny = "trainer.prompts_per_step=2 rollout.max_new_tokens=6 warmup.steps=2"
     cmd = [sys.executable, "benchmarks/update_size.py", "--seeds", "0", "--steps", "1", "--out", str(tmp_path),
-           "--arm", f"full={tiny}", "--arm", f"half={tiny} optim.lr=0.0005"]
+           "--arm", f"full={tiny} optim.lr=0.001", "--arm", f"half={tiny} optim.lr=0.0005"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     [path] = list(tmp_path.glob("mini_repro_update_size_*.json"))
@@ -155,3 +155,35 @@ def test_update_size_first_adam_step_scales_with_lr(tmp_path):
     assert full["relative_change"] / half["relative_change"] == pytest.approx(2.0, rel=0.02)
     assert 0 <= full["tiny_gradient_coords_moved_over_half_lr"] <= 1 and len(full["largest_tensor_changes"]) == 5
     assert "| half | 0 | 0 |" in path.with_suffix(".md").read_text()
+
+
+def test_merge_joins_a_study_run_in_parts_and_refuses_what_differs():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mini_repro import BREAK_FORMAT, METHODS, SETTINGS, merge, run_overrides
+
+    def run(method, seed, accuracy, formats=(1.0, 1.0), extra=("optim.lr=0.0005",)):
+        final = {s: {"accuracy": accuracy, "hint_follow": 0.0, "reliance_mean": 0.1} for s in ("hint_right", "hint_wrong")}
+        return {"method": method, "seed": seed, "overrides": run_overrides(method, seed, f"/tmp/{method}{seed}", extra=extra),
+                "warm_start_checksum": f"w{seed}", "curve": [{"step": 0, **final}], "final": final,
+                "train": [{"step": i, "reward": accuracy, "format": f} for i, f in enumerate(formats)]}
+
+    def report(runs):
+        return {**{k: 1 for k in SETTINGS}, "platform": "p", "command": "c", "jobs": 2, "torch_threads": 1, "runs": runs}
+    part_a = report([run("grpo", 0, 1.0), run("papo_g", 0, 0.5), run("grpo", 1, 0.5, (1.0, BREAK_FORMAT - 0.1))])
+    part_b = report([run("papo_g_authors", 1, 0.25), run("papo_g_authors", 0, 0.75)])
+    merged = merge([("a.json", part_a), ("b.json", part_b)])
+    assert merged["methods"] == ["grpo", "papo_g", "papo_g_authors"] and merged["seeds"] == [0, 1]
+    assert [(r["method"], r["seed"]) for r in merged["runs"]] == [
+        ("grpo", 0), ("papo_g", 0), ("papo_g_authors", 0), ("grpo", 1), ("papo_g_authors", 1)]
+    summary = merged["summary"]
+    assert summary["grpo"]["hint_wrong"]["accuracy"]["mean"] == pytest.approx(0.75)
+    assert summary["papo_g_authors"]["hint_wrong"]["accuracy"]["values"] == [0.75, 0.25]
+    assert summary["grpo"]["broken_format_batches"] == [0, 1] and summary["same_warm_start_per_seed"] is True
+    assert [m["file"] for m in merged["merged_from"]] == ["a.json", "b.json"]
+    assert set(METHODS) >= set(merged["methods"])
+    with pytest.raises(ValueError, match=r"b.json: papo_g_authors seed 1 is in b.json too"):
+        merge([("a.json", part_a), ("b.json", report(part_b["runs"] * 2))])
+    with pytest.raises(ValueError, match=r"c.json: grpo seed 2 ran with no more and without \['optim.lr=0.0005'\]"):
+        merge([("a.json", part_a), ("c.json", report([run("grpo", 2, 1.0, extra=())]))])
+    with pytest.raises(ValueError, match=r"d.json: steps = 2, but a.json has 1"):
+        merge([("a.json", part_a), ("d.json", {**report([]), "steps": 2})])
