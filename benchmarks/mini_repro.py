@@ -237,12 +237,12 @@ def merge(sources: list[tuple[str, dict]]) -> dict:
     """One report from the runs of several (a study run in parts): the same settings and overrides in every run,
     each (method, seed) once. Raises ValueError naming the file and what differs."""
     first_name, first = sources[0]
+    expected = _shared_overrides(first["runs"][0])
     runs, origin = [], {}
     for name, report in sources:
         for key in SETTINGS:
             if report[key] != first[key]:
                 raise ValueError(f"{name}: {key} = {report[key]!r}, but {first_name} has {first[key]!r}")
-        expected = _shared_overrides(first["runs"][0])
         for run in report["runs"]:
             mine = _shared_overrides(run)
             if mine != expected:

@@ -97,15 +97,16 @@ PER_SCRIPT = {
                   "algo.official": False},
     "grpo_3b": {"model.path": "Qwen2.5-VL-3B-Instruct", "algo.clip_ratio_high": 0.3, "algo.ref_kl_coef": 0.01,
                 "algo.gamma": 0.0, "algo.eta_orig": 0.0, "algo.eta_mask": 0.0, "algo.dynamic_sampling": False,
-                "algo.official": False},
+                "algo.official": False, "algo.perception_kl_clamp": None},
     "dapo_3b": {"model.path": "Qwen2.5-VL-3B-Instruct", "algo.clip_ratio_high": 0.28, "algo.ref_kl_coef": 0.0,
                 "algo.gamma": 0.0, "algo.eta_orig": 0.0, "algo.eta_mask": 0.0, "algo.dynamic_sampling": True,
                 "algo.dynamic_sampling_metric": "accuracy", "algo.dynamic_sampling_max_rounds": 20,
-                "algo.official": False},
+                "algo.official": False, "algo.perception_kl_clamp": None},
     # the authors' computation on top of their PAPO-G 3B values (what algo.official pins: tests/test_official.py)
     "papo_g_3b_official": {"model.path": "Qwen2.5-VL-3B-Instruct", "algo.clip_ratio_high": 0.3,
                            "algo.ref_kl_coef": 0.01, "algo.gamma": 0.02, "algo.eta_orig": 0.0, "algo.eta_mask": 0.0,
-                           "algo.dynamic_sampling": False, "algo.official": True, "algo.masked_grad": False},
+                           "algo.dynamic_sampling": False, "algo.official": True, "algo.masked_grad": False,
+                           "algo.perception_kl_clamp": None},
 }
 WHERE = {"algo.dynamic_sampling_metric": "script algorithm.filter_key=accuracy (filter_low 0.01, filter_high 0.99)",
          "algo.dynamic_sampling_max_rounds": "config trainer.max_try_make_batch",
@@ -117,15 +118,13 @@ WHERE = {"algo.dynamic_sampling_metric": "script algorithm.filter_key=accuracy (
          "algo.clip_ratio_high": "script worker.actor.clip_ratio_high (default 0.3, verl/workers/actor/config.py)",
          "model.path": "script MODEL_PATH",
          "algo.masked_grad": "verl/workers/actor/dp_actor.py RECOMPUTE_AUG_LOG_PROBS=False",
-         "algo.official": "this project's switch for the authors' computation"}
+         "algo.official": "this project's switch for the authors' computation",
+         "algo.perception_kl_clamp": "verl use_kl_prcp_clipping: false, enabled by no script"}
 # Where a preset departs from the authors' value on purpose, with the measurement that made it: (key, ours, theirs)
 OURS = {preset: [("algo.perception_kl_clamp", 0.2, None)] for preset in
         ("papo_g_3b", "papo_g_7b", "papo_g_3b_no_ref_kl", "papo_g_7b_no_ref_kl", "papo_d_3b", "papo_d_7b")}
 WHY_OURS = ("our computation (gradient through both branches) without the [0, c] clamp ran the perception KL away "
             "on the hint task (docs/results.md, the computation study); verl use_kl_prcp_clipping: false")
-for preset in SCRIPTS.keys() - OURS.keys():  # the authors' computation, and the presets without a perception loss
-    PER_SCRIPT[preset]["algo.perception_kl_clamp"] = None
-WHERE["algo.perception_kl_clamp"] = "verl use_kl_prcp_clipping: false, enabled by no script"
 TABLE = [(preset, key, value, f"{SCRIPTS[preset][0]} [{SCRIPTS[preset][1]}]: {where}")
          for preset in SCRIPTS for key, value, where in COMMON] + \
         [(preset, key, value, f"{SCRIPTS[preset][0]}: {WHERE[key]}")
