@@ -1,6 +1,6 @@
 """The paper's claim in miniature: with a text shortcut available, does PAPO's perception loss make the policy look?
 
-    python benchmarks/mini_repro.py            # GRPO and PAPO-G, seeds 0-4, 600 steps: ~35 min on 2 CPU cores alone
+    python benchmarks/mini_repro.py            # GRPO and PAPO-G, seeds 0-4, 600 steps: ~24 min on 2 CPU cores alone
     python benchmarks/mini_repro.py --steps 2 --seeds 0 --prompts 4 --eval-samples 4 --eval-every 1 --out /tmp/mr
 
 Task `shape_color_hint` (papo_engine/hint_task.py): the image always shows the answer (one coloured shape); the
@@ -26,7 +26,7 @@ torch processes slow each other down many times over.
 Writes benchmarks/results/mini_repro_<device>.json (per run: curves, final per-sample reliance, training
 metrics; "summary": mean, sample std, min, max over seeds per method and split), .md (tables) and .png
 (held-out accuracy on hint-wrong items over steps per method, and the other two measures). Budget (2 cores,
-machine alone, 1 thread per run, 2026-12-03): ~5 min per GRPO run and ~7 min per PAPO-G run (600 steps of 16
+machine alone, 1 thread per run, 2026-12-05): ~3.5 min per GRPO run and ~5 min per PAPO-G run (600 steps of 16
 prompts x 8, with the ~20 s warm-start and 13 evaluations).
 """
 from __future__ import annotations
@@ -65,11 +65,12 @@ COLLAPSE_AFTER = 100  # a run collapsed if both held-out splits are at or below 
 RUNAWAY_NATS = 5.0  # the perception KL ran away if held-out reliance (mean KL per token, nats) ever exceeds this
 BREAK_FORMAT = 0.5  # a training batch broke the format if fewer than this fraction of its responses kept think/box
 SPLITS = ("hint_right", "hint_wrong")
-# no checkpoints, plots or W&B: the JSON is the record. The warm-start teaches no perception of the colour (no
-# attribute probe), as when the committed results were measured: here the question is whether RL learns to look.
+# no checkpoints, plots or W&B: the JSON is the record. The warm-start is the default one: it leaves the colour
+# readable at the answer position, as in a pretrained VLM, and teaches neither the colour-to-answer mapping nor to
+# ignore the hint, which RL must learn. With the old one (warmup.answer_balance=batch warmup.attribute_probe=false)
+# runs sat at a constant-colour chance plateau for 75-300 steps (docs/results.md, superseded).
 COMMON = ["trainer.save_every=0", "trainer.save_final=false", "logging.wandb=false", "logging.plot=false",
-          "trainer.eval_every=0", "trainer.eval_samples=1", "warmup.answer_balance=batch",
-          "warmup.attribute_probe=false"]
+          "trainer.eval_every=0", "trainer.eval_samples=1"]
 TRAIN_KEYS = ("reward", "accuracy", "format", "perception_kl", "perception_reliance_mean", "entropy", "response_length",
               "grad_norm", "lr", "update/pg_clipfrac", "update/ppo_kl", "time/step")  # what an early collapse shows
 EVAL_KEY_OFFSET = 10_000_000  # mask keys of held-out items, far from any training prompt's key

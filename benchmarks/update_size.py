@@ -1,6 +1,6 @@
 """How far one optimizer step moves the weights in the hint task's first steps (the early-collapse question).
 
-    python benchmarks/update_size.py --seeds 4 --steps 6 --arm lr_1e-3= --arm lr_5e-4=optim.lr=0.0005
+    python benchmarks/update_size.py --seeds 4 --steps 6 --arm lr_1e-3=optim.lr=0.001 --arm lr_5e-4=
 
 Each run is mini_repro.py's (same task, warm-start and method overrides; --method picks one of its METHODS), cut
 after --steps training steps. Per step it records the batch's answer-format fraction and gradient norm, and from

@@ -65,6 +65,8 @@ HEADLINES = [
       ("summary.grpo.hint_wrong.accuracy.mean", ".3f"), ("summary.grpo.hint_wrong.accuracy.std", ".3f")]),
     ("5–9: {} and {},", "mini_repro_cpu_2cores_seeds5-9.json",
      [("summary.papo_g.hint_wrong.accuracy.mean", ".3f"), ("summary.grpo.hint_wrong.accuracy.mean", ".3f")]),
+    ("perception, GRPO was ahead ({} against {};", "mini_repro_cpu_2cores_old_warmstart.json",
+     [("summary.grpo.hint_wrong.accuracy.mean", ".3f"), ("summary.papo_g.hint_wrong.accuracy.mean", ".3f")]),
     ("PAPO-G follows a wrong hint {} ± {} of the time, GRPO {} ± {}", "mini_repro_cpu_2cores.json",
      [("summary.papo_g.hint_wrong.hint_follow.mean", ".3f"), ("summary.papo_g.hint_wrong.hint_follow.std", ".3f"),
       ("summary.grpo.hint_wrong.hint_follow.mean", ".3f"), ("summary.grpo.hint_wrong.hint_follow.std", ".3f")]),
