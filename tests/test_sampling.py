@@ -49,11 +49,15 @@ def test_uniform_is_a_function_of_seed_key_position():
 
 
 def test_inverse_cdf_quantiles_and_zero_probability_tokens():
-    """Hand-computed: probabilities (0.5, 0, 0.3, 0.2) have cumulative (0.5, 0.5, 0.8, 1.0): a quantile goes to the
-    first token whose cumulative mass reaches it — 0.5 to token 0, just above 0.5 to token 2, never to the
-    0-probability token 1."""
+    """Hand-computed: a quantile goes to the first token whose cumulative mass reaches it, never to a token of
+    probability 0. Weights (1, 0, 1) are exact in fp32 (exp(0), exp(−inf)), so the tie at 0.5 is exact: 0.5 goes
+    to token 0, just above it to token 2, never to token 1. With (0.5, 0, 0.3, 0.2) the fp32 exp rounds by a few
+    ulps, which CPUs do differently (AVX2 against AVX-512), so those quantiles stay 1e-6 off the edges."""
+    exact = torch.tensor([0.0, float("-inf"), 0.0]).expand(3, -1)
+    at_tie = torch.tensor([0.5, 0.5 + 1e-12, 0.25], dtype=torch.float64)
+    assert inverse_cdf_sample(exact, 1.0, 1.0, at_tie).tolist() == [0, 2, 0]
     logits = torch.log(torch.tensor([0.5, 0.0, 0.3, 0.2])).expand(6, -1)
-    u = torch.tensor([0.1, 0.5, 0.5 + 1e-9, 0.79, 0.81, 0.999], dtype=torch.float64)
+    u = torch.tensor([0.1, 0.5 - 1e-6, 0.5 + 1e-6, 0.79, 0.81, 0.999], dtype=torch.float64)
     assert inverse_cdf_sample(logits, 1.0, 1.0, u).tolist() == [0, 0, 2, 2, 3, 3]
 
 
