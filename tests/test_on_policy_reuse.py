@@ -5,8 +5,8 @@ parameters, losses and every metric bit-identical over several steps — because
 forward compute the same values from the same weights over the same micro-batches. Without it (official /
 masked_grad=false) only a no-grad forward of the masked half runs, inside the update, and the update's head call
 takes both branches: the same run within fp32 rounding (B instead of 2B sequences per forward: a GEMM may block
-differently — identical on an AVX-512 CPU, a few fp32 ulps apart on an AVX2 one). Where on-policy does not hold (ppo_epochs > 1, several optimizer steps per rollout) the separate
-pass still runs."""
+differently — identical on an AVX-512 CPU, a few fp32 ulps apart on an AVX2 one). Where on-policy does not hold
+(ppo_epochs > 1, several optimizer steps per rollout) the separate pass still runs."""
 from __future__ import annotations
 
 import pytest
@@ -113,7 +113,8 @@ def test_reuse_without_masked_gradient_matches_the_separate_pass(tmp_path, monke
     forwards of the masked half (trainer.no_grad_micro_batch_size sequences each, in whole micro-batches) run in
     the update as its micro-batches reach them; the update's head calls over both branches give π_old (masked
     constants and the full-vocabulary perception KL). Not bit for bit by construction (other batch shapes: a GEMM
-    may block differently), so parameters and every logged metric must agree within the fp32 bounds (tests/fp32_bounds.py)."""
+    may block differently), so parameters and every logged metric must agree within the fp32 bounds
+    (tests/fp32_bounds.py)."""
     with_reuse = _run(tmp_path, monkeypatch, True, *MASKED_NO_GRAD[mode], *overrides)
     without = _run(tmp_path, monkeypatch, False, *MASKED_NO_GRAD[mode], *overrides)
     rows = with_reuse[0]
