@@ -4,10 +4,11 @@ came out identical on an AVX-512 CPU and a few fp32 ulps apart on an AVX2 one (A
 
 A metric: |x − y| ≤ METRIC_ATOL + METRIC_RTOL·max(|x|, |y|); the absolute part is for sums that are ~0 by
 construction (pg_loss at ratio 1, a mismatch of made-up rollout log-probs, one sequence's small KL). A parameter:
-no entry apart by PARAM_MAX_IN_LR Adam steps (Adam turns the rounding of a ~0 gradient into an O(lr) move) and the mean entry not
-by PARAM_MEAN_IN_LR (a real difference in the loss moves every entry: a 1% change of γ came out 18× and 340× the
-two bounds). Worst seen on AVX2: 5e-8 absolute on a mean metric, 8e-7 on one sequence's perception KL (the
-perception_reliance histogram, two ZeRO-3 ranks); 0.035 lr (max) and 1e-4 lr (mean) on a parameter."""
+no entry apart by PARAM_MAX_IN_LR Adam steps (Adam turns the rounding of a ~0 gradient into an O(lr) move), and
+the mean entry not by PARAM_MEAN_IN_LR (a real difference in the loss moves every entry: a 1% change of γ came out
+18× and 340× the two bounds). Worst seen on AVX2: 5e-8 absolute on a mean metric, 8e-7 on one sequence's
+perception KL (the perception_reliance histogram, two ZeRO-3 ranks); 0.035 lr (max) and 1e-4 lr (mean) on a
+parameter."""
 import torch
 
 METRIC_RTOL, METRIC_ATOL = 1e-5, 5e-6
