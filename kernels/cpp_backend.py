@@ -1,6 +1,7 @@
-"""C++/OpenMP backend of the fused head: JIT build of ``csrc/papo_head.cpp`` and its autograd wrapper.
+"""C++/OpenMP CPU ops: the fused head (``csrc/papo_head.cpp``, with its autograd wrapper here) and the native
+rollout's decode-step attention (``csrc/decode_attention.cpp``, `decode_attention_cpp`).
 
-The extension is compiled on first use with ninja through ``torch.utils.cpp_extension.load`` into
+Each extension is compiled on first use with ninja through ``torch.utils.cpp_extension.load`` into
 ``$TORCH_EXTENSIONS_DIR`` if set, else ``~/.cache/papo_engine/torch_extensions``.  The sources are found through
 the ``papo_kernels.csrc`` package, so the editable install and a wheel behave the same.
 """
@@ -18,15 +19,16 @@ import torch
 
 from .reference import LogprobEntropyOutput, PapoHeadOutput, check_inputs
 
-_EXT = None
-_ERROR: Optional[str] = None
+EXTENSIONS = {"head": ("papo_head_cpp", "papo_head.cpp"), "decode": ("papo_decode_cpp", "decode_attention.cpp")}
+_BUILT: dict[str, object] = {}
+_ERRORS: dict[str, str] = {}
 _LOCK = threading.Lock()
 
 
-def _sources() -> list[str]:
+def _source(file: str) -> str:
     from . import csrc
 
-    return [str(Path(csrc.__file__).resolve().parent / "papo_head.cpp")]
+    return str(Path(csrc.__file__).resolve().parent / file)
 
 
 def _build_dir() -> str:
@@ -48,49 +50,60 @@ def _isa_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
-def load(verbose: bool = False):
-    """Build (first call) and import the extension; raises RuntimeError with a clear message on failure."""
-    global _EXT, _ERROR
+def load(which: str = "head", verbose: bool = False):
+    """Build (first call) and import the extension `which` (EXTENSIONS); raises RuntimeError with a clear message
+    on failure."""
     with _LOCK:
-        if _EXT is not None:
-            return _EXT
-        if _ERROR is not None:
-            raise RuntimeError(_ERROR)
+        if which in _BUILT:
+            return _BUILT[which]
+        if which in _ERRORS:
+            raise RuntimeError(_ERRORS[which])
+        name, file = EXTENSIONS[which]
         try:
             cxx = os.environ.get("CXX", "c++")
             if shutil.which(cxx) is None:
                 raise RuntimeError(f"no C++ compiler found (looked for {cxx!r} on PATH; set CXX or install g++)")
-            src = _sources()
-            if not os.path.exists(src[0]):
-                raise RuntimeError(f"missing source {src[0]}")
+            src = _source(file)
+            if not os.path.exists(src):
+                raise RuntimeError(f"missing source {src}")
             from torch.utils import cpp_extension
 
             if not cpp_extension.is_ninja_available():
                 raise RuntimeError("ninja is not installed (pip install ninja)")
-            _EXT = cpp_extension.load(
-                name="papo_head_cpp_" + _isa_tag(),
-                sources=src,
+            _BUILT[which] = cpp_extension.load(
+                name=f"{name}_{_isa_tag()}",
+                sources=[src],
                 extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=_build_dir(),
                 verbose=verbose,
             )
         except Exception as exc:  # noqa: BLE001 — any build failure becomes one clear message
-            _ERROR = f"building the papo_kernels C++ extension failed: {exc}"
-            raise RuntimeError(_ERROR) from exc
-        return _EXT
+            _ERRORS[which] = f"building the papo_kernels C++ extension {name} failed: {exc}"
+            raise RuntimeError(_ERRORS[which]) from exc
+        return _BUILT[which]
 
 
-def is_available() -> bool:
+def is_available(which: str = "head") -> bool:
     try:
-        load()
+        load(which)
         return True
     except RuntimeError:
         return False
 
 
-def build_error() -> Optional[str]:
-    return _ERROR
+def build_error(which: str = "head") -> Optional[str]:
+    return _ERRORS.get(which)
+
+
+def decode_attention_cpp(qkv, heads: int, cos, sin, prompt_keys, prompt_values, prompt_bias, row_group, keys,
+                         values, slot: int, scale: float) -> torch.Tensor:
+    """The native rollout's decode-step attention, float32 CPU tensors (shapes in ``csrc/decode_attention.cpp``):
+    rotary embedding of the new query and key heads in `qkv` [rows, (heads + 2·kv)·hd], the new key and value
+    written at `slot` of `keys` / `values`, attention over the row's prompt slots and generated slots 0..slot.
+    Output [rows, heads·hd]."""
+    return load("decode").decode_attention(qkv, heads, cos, sin, prompt_keys, prompt_values, prompt_bias,
+                                           row_group, keys, values, slot, scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,11 @@ cache is expanded to the responses, which then run attending to it. Exact (same 
 the prompt's share of the work drops n-fold; gradients flow back through the shared cache. Not used under
 gradient checkpointing (HF drops the cache inside checkpointed layers). The prompts' M-RoPE positions can be
 computed once for a step's batch (`with_prompt_positions`) and are then read by every forward over its rows.
+
+Length-aware micro-batches (`micro_batching.py`): a batch cut to its own longest prompt and response
+(`SequenceBatch.select(…, trim=True)`) may carry `response_buckets`; the response forward then runs once per
+bucket, each cut to its bucket's longest response, all attending to the prompts' cache computed once. The hidden
+states come back per response token (`response_token_hidden`), so the layout of the forwards never reaches the loss.
 """
 from __future__ import annotations
 
@@ -16,8 +21,10 @@ import inspect
 from dataclasses import dataclass, replace
 
 import torch
+from transformers import DynamicCache
 
-from .batching import select_prompts, slice_pixel_rows
+from .batching import select_prompts
+from .micro_batching import response_buckets
 from .models import PromptBatch, mm_token_type_ids
 
 
@@ -30,24 +37,45 @@ class SequenceBatch:
     masked_pixel_values: torch.Tensor | None = None  # laid out like prompts.pixel_values
     prompt_group: torch.Tensor | None = None  # [S]: equal ids on consecutive rows = the same prompt (and image)
     prompt_positions: torch.Tensor | None = None  # [3, S, P]: each row's prompt M-RoPE positions (with_prompt_positions)
+    response_buckets: list[torch.Tensor] | None = None  # rows of each response forward; None: one over all rows
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
 
+    def select(self, index, trim: bool = False) -> "SequenceBatch":
+        """Sequences `index` (in that order). `trim`: cut the prompts' left padding to the longest prompt selected
+        and the responses to the longest response selected (at least one slot)."""
+        index = torch.as_tensor(index, dtype=torch.long).tolist()  # a range, a list or a tensor of row numbers
+        prompts = select_prompts(self.prompts, index)
+        masked = None if self.masked_pixel_values is None else _select_pixel_rows(self.prompts,
+                                                                                  self.masked_pixel_values, index)
+        group = None if self.prompt_group is None else self.prompt_group[index]
+        positions = None if self.prompt_positions is None else self.prompt_positions[:, index]
+        response_ids, response_mask = self.response_ids[index], self.response_mask[index]
+        if trim:  # prompts are left-padded: their real tokens end every row
+            width = int(prompts.attention_mask.sum(1).max())
+            prompts = replace(prompts, input_ids=prompts.input_ids[:, -width:],
+                              attention_mask=prompts.attention_mask[:, -width:])
+            positions = None if positions is None else positions[:, :, -width:]
+            length = max(1, int(response_mask.sum(1).max()))
+            response_ids, response_mask = response_ids[:, :length], response_mask[:, :length]
+        return SequenceBatch(prompts, response_ids, response_mask, masked, group, positions)
+
     def slice(self, start: int, stop: int) -> "SequenceBatch":
-        masked = (None if self.masked_pixel_values is None
-                  else slice_pixel_rows(self.prompts, self.masked_pixel_values, start, stop))
-        group = None if self.prompt_group is None else self.prompt_group[start:stop]
-        positions = None if self.prompt_positions is None else self.prompt_positions[:, start:stop]
-        return SequenceBatch(select_prompts(self.prompts, list(range(start, stop))),
-                             self.response_ids[start:stop], self.response_mask[start:stop], masked, group, positions)
+        return self.select(range(start, stop))
+
+    def with_response_buckets(self) -> "SequenceBatch":
+        """This batch with its rows in buckets of similar response length (`micro_batching.response_buckets`)."""
+        lengths = self.response_mask.sum(1).long().tolist()
+        buckets = [torch.tensor(b, dtype=torch.long) for b in response_buckets(lengths)]
+        return replace(self, response_buckets=buckets)
 
     def to(self, device) -> "SequenceBatch":
         """The tensors the forward reads on `device`; prompt_group (bookkeeping for Python-side indexing) stays."""
         masked = None if self.masked_pixel_values is None else self.masked_pixel_values.to(device)
         positions = None if self.prompt_positions is None else self.prompt_positions.to(device)
         return SequenceBatch(self.prompts.to(device), self.response_ids.to(device), self.response_mask.to(device),
-                             masked, self.prompt_group, positions)
+                             masked, self.prompt_group, positions, self.response_buckets)
 
 
 def final_hidden(model, input_ids, attention_mask, pixel_values, image_grid_thw) -> torch.Tensor:
@@ -69,7 +97,7 @@ def _branches(batch: SequenceBatch, both_branches: bool):
             torch.cat([prompts.image_grid_thw, prompts.image_grid_thw]), 2)
 
 
-def _shares_prompts(model, batch: SequenceBatch) -> bool:
+def shares_prompts(model, batch: SequenceBatch) -> bool:
     """Whether the forward runs each distinct prompt once (see the module docstring)."""
     # transformers >= 5.20 names it is_activation_checkpointing, 5.19 (vLLM 0.32's range) is_gradient_checkpointing
     checkpointing = getattr(model, "is_activation_checkpointing", None)
@@ -78,11 +106,40 @@ def _shares_prompts(model, batch: SequenceBatch) -> bool:
     return batch.prompt_group is not None and not checkpointing
 
 
+def response_token_hidden(model, batch: SequenceBatch, both_branches: bool) -> torch.Tensor:
+    """Final hidden states at the positions that predict each response token, [copies, N, d]: the N tokens of
+    `batch.response_mask` in row-major order, for the original images (copy 0) and the masked ones (copy 1, with
+    both_branches)."""
+    buckets = batch.response_buckets or [torch.arange(len(batch))]
+    if shares_prompts(model, batch):
+        pieces = _shared_prompt_token_hidden(model, batch, both_branches, buckets)
+    else:
+        pieces = [_full_token_hidden(model, batch.select(rows, trim=batch.response_buckets is not None),
+                                     both_branches) for rows in buckets]
+    if len(buckets) == 1 and batch.response_buckets is None:
+        return pieces[0]
+    # the buckets' tokens, bucket by bucket, back in the batch's row-major order
+    valid = batch.response_mask.bool()
+    number = torch.full(valid.shape, -1, dtype=torch.long, device=valid.device)
+    number[valid] = torch.arange(int(valid.sum()), device=valid.device)
+    produced = torch.cat([number[rows.to(valid.device)] for rows in buckets])      # rows in bucket order
+    produced = produced[produced >= 0]
+    return torch.cat(pieces, dim=1)[:, torch.argsort(produced)]
+
+
 def response_hidden(model, batch: SequenceBatch, both_branches: bool) -> torch.Tensor:
-    """Final hidden states at the positions that predict each response token: [S, R, d], or [2S, R, d] with the
-    masked-image half stacked after the original half."""
-    if _shares_prompts(model, batch):
-        return _shared_prompt_hidden(model, batch, both_branches)
+    """`response_token_hidden` laid out per sequence: [S, R, d] (or [2S, R, d] with the masked-image half after the
+    original half), zeros where response_mask is 0."""
+    tokens = response_token_hidden(model, batch, both_branches)
+    valid = batch.response_mask.bool()
+    copies, _, d = tokens.shape
+    out = tokens.new_zeros(copies, *valid.shape, d)
+    out[:, valid] = tokens
+    return out.view(copies * len(batch), -1, d)
+
+
+def _full_token_hidden(model, batch: SequenceBatch, both_branches: bool) -> torch.Tensor:
+    """`response_token_hidden` from one forward of every sequence, prompt and response, [copies, N, d]."""
     prompts = batch.prompts
     P = prompts.input_ids.shape[1]
     R = batch.response_ids.shape[1]
@@ -91,7 +148,8 @@ def response_hidden(model, batch: SequenceBatch, both_branches: bool) -> torch.T
     pixel_values, grid, copies = _branches(batch, both_branches)
     hidden = final_hidden(model, input_ids.repeat(copies, 1), attention_mask.repeat(copies, 1), pixel_values, grid)
     # position t predicts token t+1: response token j is predicted by the hidden state at P + j - 1
-    return hidden[:, P - 1:P - 1 + R]
+    hidden = hidden[:, P - 1:P - 1 + R].reshape(copies, len(batch), R, -1)
+    return hidden[:, batch.response_mask.bool()]
 
 
 def _distinct_prompts(group: torch.Tensor) -> tuple[list[int], torch.Tensor]:
@@ -112,8 +170,6 @@ def prompt_positions(model, prompts) -> torch.Tensor:
 def prefill(model, input_ids, attention_mask, positions, pixel_values, image_grid_thw):
     """One forward of prompts, their images included, filling a fresh KV cache: (final hidden states [B, P, d],
     the cache). Shared by the training forward (each distinct prompt once per branch) and the native rollout."""
-    from transformers import DynamicCache
-
     cache = DynamicCache()
     out = model.model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
@@ -128,20 +184,20 @@ def with_prompt_positions(model, batch: SequenceBatch) -> SequenceBatch:
     shared-prompt forward over its rows (update micro-batches, no-grad masked passes, π_old's and the reference's
     passes) reads them instead of recomputing them (HF's get_rope_index loops over prompts in Python). Unchanged
     where the forward does not share prompts."""
-    if not _shares_prompts(model, batch):
+    if not shares_prompts(model, batch):
         return batch
     firsts, seq_to_distinct = _distinct_prompts(batch.prompt_group)
     positions = prompt_positions(model, select_prompts(batch.prompts, firsts))
     return replace(batch, prompt_positions=positions[:, seq_to_distinct.to(positions.device)])
 
 
-def _shared_prompt_hidden(model, batch: SequenceBatch, both_branches: bool) -> torch.Tensor:
-    """`response_hidden` with each distinct prompt run once per branch (see the module docstring)."""
+def _shared_prompt_token_hidden(model, batch: SequenceBatch, both_branches: bool,
+                                buckets: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`response_token_hidden` with each distinct prompt run once per branch (see the module docstring): per bucket,
+    the hidden states of its rows' response tokens [copies, N_bucket, d] (row-major within the bucket)."""
     prompts = batch.prompts
     P = prompts.input_ids.shape[1]
-    R = batch.response_ids.shape[1]
     firsts, seq_to_distinct = _distinct_prompts(batch.prompt_group)
-    attention_mask = torch.cat([prompts.attention_mask, batch.response_mask.to(prompts.attention_mask.dtype)], 1)
     distinct = SequenceBatch(select_prompts(prompts, firsts), batch.response_ids[firsts],
                              batch.response_mask[firsts],
                              None if batch.masked_pixel_values is None else
@@ -150,21 +206,34 @@ def _shared_prompt_hidden(model, batch: SequenceBatch, both_branches: bool) -> t
     # max(prompt positions) + 1 + j; padding 0
     positions = (prompt_positions(model, distinct.prompts) if batch.prompt_positions is None
                  else batch.prompt_positions[:, firsts])
-    start = positions.amax(dim=(0, 2))[seq_to_distinct] + 1                                      # [S]
-    response_positions = (start[:, None] + torch.arange(R, device=start.device)) * batch.response_mask.long()
+    start = positions.amax(dim=(0, 2))[seq_to_distinct]                                         # [S]
     pixel_values, grid, copies = _branches(distinct, both_branches)
     prompt_ids = distinct.prompts.input_ids.repeat(copies, 1)
     prompt_hidden, cache = prefill(model, prompt_ids, distinct.prompts.attention_mask.repeat(copies, 1),
                                    positions.repeat(1, copies, 1), pixel_values, grid)
-    # branch c of sequence i reads distinct prompt c·U + seq_to_distinct[i]
-    expand = torch.cat([seq_to_distinct + c * len(firsts) for c in range(copies)]).to(prompt_ids.device)
-    cache.batch_select_indices(expand)
-    response_out = model.model(
-        input_ids=batch.response_ids.repeat(copies, 1), attention_mask=attention_mask.repeat(copies, 1),
-        position_ids=response_positions.repeat(copies, 1).unsqueeze(0).expand(3, -1, -1),
-        **{_cache_kwarg(model.model): cache}, use_cache=True)
-    last_prompt = prompt_hidden[expand, P - 1:P]                              # predicts response token 0
-    return torch.cat([last_prompt, response_out.last_hidden_state[:, :R - 1]], dim=1)
+    prompt_cache = [(layer.keys, layer.values) for layer in cache.layers]
+    del cache
+    pieces = []
+    for rows in buckets:
+        # branch c of sequence i reads distinct prompt c·U + seq_to_distinct[i]
+        expand = torch.cat([seq_to_distinct[rows.cpu()] + c * len(firsts) for c in range(copies)]).to(
+            prompt_ids.device)
+        rows = rows.to(prompt_ids.device)
+        mask = batch.response_mask[rows]
+        width = mask.shape[1] if batch.response_buckets is None else max(1, int(mask.sum(1).max()))
+        mask = mask[:, :width]
+        rows_cache = DynamicCache([(keys[expand], values[expand]) for keys, values in prompt_cache])
+        attention_mask = torch.cat([prompts.attention_mask[rows], mask.to(prompts.attention_mask.dtype)], 1)
+        response_positions = (start[rows, None] + 1 + torch.arange(width, device=start.device)) * mask.long()
+        response_out = model.model(
+            input_ids=batch.response_ids[rows, :width].repeat(copies, 1),
+            attention_mask=attention_mask.repeat(copies, 1),
+            position_ids=response_positions.repeat(copies, 1).unsqueeze(0).expand(3, -1, -1),
+            **{_cache_kwarg(model.model): rows_cache}, use_cache=True)
+        last_prompt = prompt_hidden[expand, P - 1:P]                              # predicts response token 0
+        hidden = torch.cat([last_prompt, response_out.last_hidden_state[:, :width - 1]], dim=1)
+        pieces.append(hidden.reshape(copies, len(rows), width, -1)[:, mask.bool()])
+    return pieces
 
 
 def _cache_kwarg(module) -> str:
@@ -179,12 +248,12 @@ def _select_pixel_rows(prompts, pixel_values: torch.Tensor, index: list[int]) ->
 
 
 def masked_branch_hidden(model, batch: SequenceBatch) -> torch.Tensor:
-    """`response_hidden` of the masked-image branch alone, [S, R, d]: the masked pixel values in the original's
+    """`response_token_hidden` of the masked-image branch alone, [N, d]: the masked pixel values in the original's
     place. Without gradient (the authors' computation, masked_grad=false: the masked branch is a constant)."""
     with torch.no_grad():
         masked = replace(batch, prompts=replace(batch.prompts, pixel_values=batch.masked_pixel_values),
                          masked_pixel_values=None)
-        return response_hidden(model, masked, both_branches=False)
+        return response_token_hidden(model, masked, both_branches=False)[0]
 
 
 def response_token_stats(model, batch: SequenceBatch, *, both_branches: bool, temperature: float,
@@ -192,21 +261,20 @@ def response_token_stats(model, batch: SequenceBatch, *, both_branches: bool, te
     """Per-token [S, R] tensors over response positions (0 where response_mask is 0).
 
     Always: logprobs, entropy (full-vocabulary). With both_branches, or with `masked_hidden` (the masked branch's
-    [S, R, d] hidden states computed elsewhere, e.g. detached by `masked_branch_hidden`; the forward then runs
-    the original branch only): also masked_logprobs, masked_entropy, kl (exact full-vocabulary
-    KL(π(·|I) ‖ π(·|I_mask))), all from one fused head call over both branches."""
+    [N, d] hidden states of the batch's response tokens computed elsewhere, e.g. detached by `masked_branch_hidden`;
+    the forward then runs the original branch only): also masked_logprobs, masked_entropy, kl (exact
+    full-vocabulary KL(π(·|I) ‖ π(·|I_mask))), all from one fused head call over both branches."""
     S = len(batch)
-    hidden = response_hidden(model, batch, both_branches)
+    hidden = response_token_hidden(model, batch, both_branches)
     if both_branches:
-        hidden, masked_hidden = hidden[:S], hidden[S:]
+        masked_hidden = hidden[1]
     valid = batch.response_mask.bool()
     targets = batch.response_ids[valid]
     if masked_hidden is not None:
-        head = model.lm_head(hidden[valid], targets=targets, hidden_masked=masked_hidden[valid],
-                             temperature=temperature)
+        head = model.lm_head(hidden[0], targets=targets, hidden_masked=masked_hidden, temperature=temperature)
         names = ("logprobs", "masked_logprobs", "entropy", "masked_entropy", "kl")
     else:
-        head = model.lm_head(hidden[valid], targets=targets, temperature=temperature)
+        head = model.lm_head(hidden[0], targets=targets, temperature=temperature)
         names = ("logprobs", "entropy")
     stats = {}
     for name, values in zip(names, head):

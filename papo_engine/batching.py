@@ -43,12 +43,6 @@ def repeat_prompts(pb: PromptBatch, n: int) -> PromptBatch:
     return select_prompts(pb, list(range(len(pb.images_per_prompt))), repeat=n)
 
 
-def slice_pixel_rows(pb: PromptBatch, pixel_values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """The pixel rows of prompts start..stop-1 taken from `pixel_values` laid out like pb.pixel_values."""
-    rows = _row_slices(pb)
-    return pixel_values[rows[start][0]:rows[stop - 1][1]]
-
-
 def concat_prompts(batches: list[PromptBatch], pad_id: int) -> PromptBatch:
     """Stack prompt batches of different (left-padded) lengths into one."""
     length = max(b.input_ids.shape[1] for b in batches)

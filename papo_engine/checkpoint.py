@@ -123,6 +123,28 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def newest_text(output_dir: Path) -> str:
+    """What a stopped run can continue from, for its one line."""
+    found = complete_checkpoints(output_dir)
+    return f"the newest complete checkpoint is {found[-1]}" if found else "no checkpoint was completed yet"
+
+
+def unfinished_run_summary(output_dir: Path, steps: int) -> dict:
+    """For `--resume`: the summary.json an earlier finish left (a run continued with more steps; {} when there is
+    none or it cannot be read). A run that already finished all `steps` is refused: resuming it would only redo
+    and overwrite its final model, evaluation and summary."""
+    try:
+        summary = json.loads((Path(output_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    summary = summary if isinstance(summary, dict) else {}
+    if summary.get("steps", 0) >= steps:
+        raise ConfigError(f"--resume: trainer.output_dir={str(output_dir)!r} holds a finished run (all "
+                          f"{summary['steps']} steps, summary.json): nothing to resume; raise trainer.steps to train "
+                          f"on, or start another trainer.output_dir")
+    return summary
+
+
 def resolve_resume(output_dir: Path, resume: str) -> Path:
     """`resume` is "latest" (the newest complete checkpoint in output_dir) or a checkpoint folder."""
     if resume == "latest":

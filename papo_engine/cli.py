@@ -83,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             from pathlib import Path
 
-            from .evaluation import evaluate_files, format_table, write_report
-            report = evaluate_files(cfg, args.data, args.k, args.temperature, args.seed)
-            write_report(report, Path(args.output))
+            from .evaluation import evaluate_files, format_table
+            report = evaluate_files(cfg, args.data, args.k, args.temperature, args.seed, Path(args.output))
             print(format_table(report))
             print(f"papo: report written to {args.output}")
         elif args.command == "train":
@@ -117,9 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         if not _lost_rank(err):
             raise
-        from .checkpoint import complete_checkpoints
-        found = complete_checkpoints(cfg.trainer.output_dir)
-        newest = f"the newest complete checkpoint is {found[-1]}" if found else "no checkpoint was completed yet"
+        from .checkpoint import newest_text
+        newest = newest_text(cfg.trainer.output_dir)
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)[:200]
         print(f"papo: stopped: lost contact with another rank (a node lost or a rank killed; a collective waits "
               f"trainer.collective_timeout_s={cfg.trainer.collective_timeout_s:g} s): {first}; {newest}: continue "

@@ -7,6 +7,7 @@ Every field carries its allowed values in `metadata` so a bad value is reported 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ class ModelConfig:
     num_heads: int = _f(3, low=1)
     num_kv_heads: int = _f(3, low=1)
     intermediate_size: int = _f(256, low=8)
+    vocab_size: int = _f(0, low=0, help="architecture=tiny: vocabulary size (benchmark shapes; ids beyond the "
+                                        "tokenizer's decode to nothing); 0 = the tokenizer's, rounded up to 64")
     vision_depth: int = _f(2, low=1)
     vision_hidden_size: int = _f(48, low=8)
     vision_heads: int = _f(2, low=1)
@@ -198,7 +201,13 @@ class TrainerConfig:
     prompts_per_step: int = _f(16, low=1)
     mini_batch_prompts: int = _f(0, low=0, help="prompts per optimizer step (the paper: 384 per rollout, 128 "
                                                 "per update); 0 = prompts_per_step, one update per rollout")
-    micro_batch_size: int = _f(64, low=1, help="sequences per update micro-batch (per rank)")
+    micro_batch_size: int = _f(64, low=1, help="sequences per update micro-batch (per rank; at most, with "
+                                               "micro_batch_tokens)")
+    micro_batch_tokens: int = _f(16384, low=0, help="tokens per update micro-batch (per rank; a prompt counted once "
+                                                    "for its responses): length-aware micro-batches, each cut to its "
+                                                    "own longest prompt and response, responses of similar length "
+                                                    "forwarded together; 0 = consecutive micro_batch_size sequences "
+                                                    "padded to the step's longest")
     no_grad_micro_batch_size: int = _f(0, low=0, help="sequences per no-grad forward of the masked branch inside "
                                                       "the update (masked_grad=false, on-policy reuse; per rank), "
                                                       "in whole micro-batches (at least one); 0 = 2 x "
@@ -317,6 +326,8 @@ def _coerce(key: str, value: Any, ftype, meta: dict) -> Any:
 def _check_value(key: str, value, meta: dict, allowed: str) -> None:
     if meta.get("choices") is not None and value not in meta["choices"]:
         raise ConfigError(f"{key}={value!r}: must be {allowed}")
+    if isinstance(value, float) and not math.isfinite(value):  # NaN fails no range comparison; inf overflows
+        raise ConfigError(f"{key}={value!r}: not a finite number; must be {allowed}")
     low, high = meta.get("low"), meta.get("high")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if low is not None and (value < low or (meta["low_open"] and value == low)):
@@ -359,6 +370,27 @@ def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden: that is its use
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = key in first_line
+            except TypeError:  # an unhashable key: the safe loader's own error names it
+                continue
+            if seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}, first given on line "
+                                                                    f"{first_line[key]}: give each key once",
+                                                        key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Build a Config from the defaults, an optional YAML file and `key.sub=value` overrides, then validate."""
     cfg = Config()
@@ -367,7 +399,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -408,6 +440,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.eval_files and not cfg.data.train_files:  # would train on the generated task, evaluate on files
         raise ConfigError(f"data.eval_files is set but data.train_files is empty (training would use the generated "
                           f"task {cfg.data.task!r}); set data.train_files, or data.eval_files=[]")
+    if cfg.data.train_files and not cfg.data.eval_files and cfg.trainer.eval_every:  # no held-out set to use
+        raise ConfigError(f"trainer.eval_every={cfg.trainer.eval_every} with data.train_files needs data.eval_files "
+                          f"(held-out files in the same schema); set them, or trainer.eval_every=0")
     if cfg.data.train_files and cfg.warmup.steps > 0:
         raise ConfigError(f"warmup.steps={cfg.warmup.steps}: the answer-format warm-start is for the generated task "
                           f"only; set warmup.steps=0 with data.train_files")

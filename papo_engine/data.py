@@ -42,6 +42,11 @@ def question_texts() -> list[str]:
     return [q for qs in _QUESTIONS.values() for q in qs]
 
 
+def task_questions(task: str) -> list[str]:
+    """Every question the generated task `task` asks."""
+    return list(_QUESTIONS[task])
+
+
 def chance_accuracy(task: str) -> float:
     return 1.0 / len(ANSWERS[task])
 

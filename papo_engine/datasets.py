@@ -40,7 +40,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from .config import ConfigError
 from .data import Sample
-from .data_sources import BadRecord, one_line, open_source
+from .data_sources import REASONS, BadRecord, one_line, open_source
 from .prompts import chat_prompt
 
 logger = logging.getLogger(__name__)
@@ -217,6 +217,9 @@ class _Geometry:
                 # never hand out the caller's own object; a multi-frame file would keep its handle open
                 out = image.copy()
             return out
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # changed since the load
+            raise BadRecord("corrupt_image", f"{getattr(image, 'filename', '') or 'image bytes'}: "
+                                             f"{one_line(err)}") from None
         finally:
             if owned and out is not image:
                 image.close()
@@ -242,6 +245,19 @@ def prompt_length(question: str, image_sizes: list[tuple[int, int]], tokenizer, 
 def _prompt_length(question: str, image_sizes, tokenizer, geometry: _Geometry) -> int:
     text_ids = tokenizer(chat_prompt(question, len(image_sizes)), add_special_tokens=False)["input_ids"]
     return len(text_ids) - len(image_sizes) + sum(geometry.image_tokens(w, h) for w, h in image_sizes)
+
+
+def check_generated_prompts_fit(data_cfg, tokenizer, image_processor) -> None:
+    """data.max_prompt_length on the generated task: its prompts are never dropped, so its longest must fit."""
+    from .data import task_questions
+    from .hint_task import TASK as HINT_TASK, hint_questions
+    questions = hint_questions() if data_cfg.task == HINT_TASK else task_questions(data_cfg.task)
+    size = (data_cfg.image_size, data_cfg.image_size)
+    longest = max(prompt_length(q, [size], tokenizer, image_processor) for q in questions)
+    if longest > data_cfg.max_prompt_length:
+        raise ConfigError(f"data.max_prompt_length={data_cfg.max_prompt_length}: the generated task "
+                          f"{data_cfg.task!r} at data.image_size={data_cfg.image_size} has prompts of up to "
+                          f"{longest} tokens; raise it, or set 0 (automatic)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,6 +333,7 @@ class LocalDataset:
         self._sources, self._entries, self._geometry = sources, entries, geometry
         self.prompt_lengths = prompt_lengths
         self.skipped = skipped
+        self.replaced: dict[str, int] = {}  # reason -> records whose images failed when drawn, after the load
         self.loaded = len(entries)
         self.split_name = split_name
 
@@ -324,12 +341,38 @@ class LocalDataset:
         return len(self._entries)
 
     def __getitem__(self, index: int) -> Sample:
-        if not -len(self._entries) <= index < len(self._entries):
+        """Sample `index`; if its images no longer read (a file deleted or changed since the load), the next
+        record that reads is used in its place, counted in `replaced` and logged with the record and the file."""
+        count = len(self._entries)
+        if not -count <= index < count:
             raise IndexError(index)
-        entry = self._entries[index]
-        source = self._sources[entry.source]
-        images = [self._geometry.decode(v, source.base_dir) for v in _image_values(source.images(entry.row))]
-        return Sample(images=images, question=entry.question, answer=entry.answer, uid=entry.uid)
+        failed = None
+        for offset in range(count):
+            entry = self._entries[(index + offset) % count]
+            source = self._sources[entry.source]
+            try:
+                images = [self._geometry.decode(v, source.base_dir) for v in _image_values(source.images(entry.row))]
+            except BadRecord as bad:
+                self.replaced[bad.reason] = self.replaced.get(bad.reason, 0) + 1
+                failed = f"record {entry.uid} ({source.label}:{entry.row}): {bad.reason} ({bad.detail})"
+                logger.warning("%s: %s since the load; the next record is used in its place (counted as "
+                               "replaced)", self.split_name, failed)
+                continue
+            return Sample(images=images, question=entry.question, answer=entry.answer, uid=entry.uid)
+        raise ConfigError(f"{self.split_name}: none of the {count} records' images can be read any more (the last: "
+                          f"{failed}); were the data files moved or deleted during the run?")
+
+
+def data_counts(dataset: LocalDataset) -> dict:
+    """summary.json's account of a local dataset: records loaded, skipped at load by reason (every rank loads
+    every file, so these are global) and, if any, replaced at use by reason, summed over ranks (collective)."""
+    from . import distributed
+    counts = {"loaded": len(dataset), "skipped": dict(dataset.skipped)}
+    totals = distributed.all_reduce_sums([float(dataset.replaced.get(reason, 0)) for reason in REASONS])
+    replaced = {reason: int(total) for reason, total in zip(REASONS, totals) if total}
+    if replaced:
+        counts["replaced"] = replaced
+    return counts
 
 
 def load_dataset_files(files: list[str], data_cfg, tokenizer, image_processor, split_name: str,

@@ -85,6 +85,15 @@ def all_reduce_sums(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_maxes(values: list[float]) -> list[float]:
+    """Element-wise maximum over ranks of a list of numbers, in one collective."""
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device="cpu" if not torch.cuda.is_available() else device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def global_means(sums_and_counts: dict[str, tuple[float, float]]) -> dict[str, float]:
     """{name: (sum, count) on this rank} -> {name: sum over ranks / count over ranks}."""
     names = sorted(sums_and_counts)

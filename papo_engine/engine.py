@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist_utils
-from .config import Config
+from .config import Config, ConfigError
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
@@ -74,6 +74,8 @@ class TrainingEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size))
         self.zero_stage = cfg.deepspeed.zero_stage
+        self.parameter_count = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        self.nonfinite_after_step = 0  # values an applied optimizer step made NaN/inf (finite loss and gradients)
 
     @property
     def module(self):
@@ -99,8 +101,32 @@ class TrainingEngine:
         """Optimizer step (clipping inside DeepSpeed) unless the gradients are non-finite on any rank.
 
         Returns (pre-clip global gradient norm, whether the step was applied). A skipped step changes neither
-        parameters nor optimizer state: its gradients are discarded.
+        parameters nor optimizer state: its gradients are discarded. An applied step with finite gradients can
+        still overflow the parameters (an lr near the dtype's range); that cannot be undone without a copy of
+        every parameter and optimizer state, so it is recorded in `nonfinite_after_step` for the trainer to stop
+        on before anything saves those weights.
         """
+        norm, applied = self._step()
+        if applied and not self.nonfinite_after_step:
+            self.nonfinite_after_step = self.nonfinite_parameters()
+        return norm, applied
+
+    def nonfinite_parameters(self) -> int:
+        """Trainable parameter values that are NaN or inf (under ZeRO-3 each rank checks its partitions, summed)."""
+        tensors = [p.ds_tensor if self.zero_stage == 3 else p for p in self.module.parameters() if p.requires_grad]
+        local = float(torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).sum()) if tensors else 0.0
+        return int(dist_utils.all_reduce_sum(local)) if self.zero_stage == 3 else int(local)
+
+    def require_finite_parameters(self, source: str) -> None:
+        """Before the first step: weights that are already NaN/inf (an earlier run's, or the warm-up's) are refused."""
+        bad = self.nonfinite_parameters()
+        if bad:
+            err = ConfigError(f"{source}: {bad:,} of {self.parameter_count:,} parameter values are NaN or inf; "
+                              f"training cannot start from them")
+            err.main_only = True  # the same on every rank: one line for the job
+            raise err
+
+    def _step(self) -> tuple[float, bool]:
         if self.zero_stage == 0:  # DeepSpeed checks nothing for a plain torch optimizer: do it here
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0

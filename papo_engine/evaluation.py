@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import torch
@@ -23,9 +25,12 @@ from .rollout import build_rollout
 from .rollout.base import SamplingParams
 
 
-def evaluate_files(cfg: Config, files: list[str], k: int, temperature: float, seed: int = 0) -> dict:
-    """{"benchmarks": {name: {"accuracy", "questions", "skipped"}}, "k", "temperature", "model"}"""
-    from .rewards import RewardRole
+def evaluate_files(cfg: Config, files: list[str], k: int, temperature: float, seed: int = 0,
+                   report_path: Path | None = None) -> dict:
+    """{"model", "k", "temperature", "benchmarks": {name: {"accuracy", "questions", "skipped"}}}; a benchmark is
+    named by its file's stem, or by the path as given where two files share a stem. With `report_path` the
+    report is written after every file (with "pending": the files not done yet), so that an interruption
+    (Ctrl-C: `Preempted`, one line naming what was kept) loses only the file in progress."""
     if cfg.model.path is None:
         raise ConfigError("papo eval: give the model directory (--model DIR or model.path=DIR)")
     if k < 1:
@@ -33,6 +38,28 @@ def evaluate_files(cfg: Config, files: list[str], k: int, temperature: float, se
     if not 0.0 <= temperature <= 2.0:  # vLLM rejects T > 2; 0 = greedy
         raise ConfigError(f"papo eval: --temperature={temperature}: must be in [0, 2]")
     check_model_dir(Path(cfg.model.path))
+    names = benchmark_names(files)
+    if report_path is not None:
+        check_report_path(report_path)
+    report = {"model": cfg.model.path, "k": k, "temperature": temperature, "benchmarks": {}}
+    try:
+        _evaluate(cfg, files, names, k, temperature, seed, report, report_path)
+    except KeyboardInterrupt:
+        if report_path is None:
+            raise
+        from .preemption import Preempted
+        done = list(report["benchmarks"])
+        kept = (f"the results of {len(done)} of {len(files)} files ({', '.join(done)}) are in {report_path}" if done
+                else "no file was finished, no report written")
+        rest = files[len(done):]
+        raise Preempted(f"SIGINT received during the evaluation of {rest[0]}: {kept}; evaluate the rest with "
+                        f"--data {' '.join(rest)} and another --output", signal.SIGINT) from None
+    return report
+
+
+def _evaluate(cfg: Config, files: list[str], names: list[str], k: int, temperature: float, seed: int, report: dict,
+              report_path: Path | None) -> None:
+    from .rewards import RewardRole
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(cfg.model)
     image_processor = load_image_processor(cfg)
@@ -43,8 +70,7 @@ def evaluate_files(cfg: Config, files: list[str], k: int, temperature: float, se
     reward = RewardRole(cfg)
     sampling = SamplingParams(k, temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
     per_call = max(1, cfg.rollout.batch_size // k)
-    results = {}
-    for file in files:
+    for index, (file, name) in enumerate(zip(files, names)):
         data = load_dataset_files([file], cfg.data, tokenizer, image_processor, "test", prompt_token_limit(cfg))
         correct = []
         for start in tqdm(range(0, len(data), per_call), desc=f"eval {Path(file).name}", leave=False):
@@ -55,9 +81,40 @@ def evaluate_files(cfg: Config, files: list[str], k: int, temperature: float, se
             scores = reward(out.texts, [s.answer for s in samples for _ in range(k)])
             correct.append(scores.get("accuracy", scores["reward"]).view(len(samples), k).double().mean(1))
         per_question = torch.cat(correct) if correct else torch.zeros(0)
-        results[Path(file).stem] = {"accuracy": float(per_question.mean()) if len(per_question) else float("nan"),
-                                    "questions": len(per_question), "skipped": dict(data.skipped)}
-    return {"model": cfg.model.path, "k": k, "temperature": temperature, "benchmarks": results}
+        result = {"accuracy": float(per_question.mean()) if len(per_question) else float("nan"),
+                  "questions": len(per_question), "skipped": dict(data.skipped)}
+        if data.replaced:  # images that went away after the load (datasets.LocalDataset)
+            result["replaced"] = dict(data.replaced)
+        report["benchmarks"][name] = result
+        report.pop("pending", None)
+        if index + 1 < len(files):
+            report["pending"] = list(files[index + 1:])
+        if report_path is not None:
+            write_report(report, report_path)
+
+
+def benchmark_names(files: list[str]) -> list[str]:
+    """Each file's stem; the path as given where two files share a stem; a file given twice is refused."""
+    given = [str(f) for f in files]
+    twice = next((f for i, f in enumerate(given) if f in given[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"papo eval: --data {twice} is given twice; give each benchmark file once")
+    stems = [Path(f).stem for f in given]
+    return [stem if stems.count(stem) == 1 else f for stem, f in zip(stems, given)]
+
+
+def check_report_path(path: Path) -> None:
+    """Before any work: --output must be a file that can be written (a folder, or one that cannot be created,
+    would otherwise fail only after the whole evaluation)."""
+    if path.is_dir():
+        raise ConfigError(f"papo eval: --output {path} is a folder; give the report's file path, e.g. "
+                          f"{path / 'eval.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"papo eval: --output {path}: cannot create its folder ({err.strerror or err})") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"papo eval: --output {path}: not writable")
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -86,7 +143,9 @@ def format_table(report: dict) -> str:
 
 def write_report(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(report, indent=2))
+    os.replace(partial, path)  # a Ctrl-C while writing leaves the previous report whole
 
 
 @torch.no_grad()
@@ -106,6 +165,10 @@ def held_out_accuracy(trainer, samples: int | None = None) -> float:
         # the weight push are collective
         chunk = [trainer.eval_set[i] for i in (index or [0])]
         out = trainer.hybrid.generate(trainer.encode(chunk), greedy)
-        scores = trainer.reward(out.texts, [s.answer for s in chunk])
+        try:  # a bad reward on one rank's share stops every rank together, with one line (no hang)
+            scores, error = trainer.reward(out.texts, [s.answer for s in chunk]), None
+        except ConfigError as err:
+            scores, error = None, err
+        dist_utils.raise_together(error)
         correct += float(scores.get("accuracy", scores["reward"])[:len(index)].sum())
     return dist_utils.all_reduce_sum(correct) / count

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .checkpoint import COMPLETE, DEEPSPEED_TAG, verify_checkpoint
+from .checkpoint import COMPLETE, DEEPSPEED_TAG, STEP_DIR, complete_checkpoints, verify_checkpoint
 from .config import ConfigError
 from .models import DTYPES
 
@@ -31,14 +31,32 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {name: tensor.to(dtype) for name, tensor in state.items()}
 
 
-def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+def check_export_paths(checkpoint: Path, out_dir: Path) -> None:
+    """One line before anything is read or written: the checkpoint is missing (named as such, with what the run
+    folder still holds), not a checkpoint, or the target is a file, inside the checkpoint or not empty (export
+    never replaces or deletes files, e.g. a run's checkpoint-final)."""
+    if not checkpoint.exists():
+        kept = complete_checkpoints(checkpoint.parent.parent) if STEP_DIR.match(checkpoint.name) else []
+        why = (f"; the run keeps only its newest trainer.keep_last checkpoints: {', '.join(p.name for p in kept)} "
+               f"in {checkpoint.parent}" if kept else "")
+        raise ConfigError(f"papo export: {checkpoint} does not exist{why}")
     if not (checkpoint / COMPLETE).is_file():
         raise ConfigError(f"papo export: {checkpoint} is not a complete training checkpoint (no {COMPLETE} file; "
                           f"expected <output_dir>/checkpoints/step-NNNNNN)")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"papo export: {out_dir} is a file; give a folder to write the model into")
+    if out_dir.resolve().is_relative_to(checkpoint.resolve()):
+        raise ConfigError(f"papo export: {out_dir} is within the checkpoint {checkpoint}; give a folder outside it")
+    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if entries:
+        raise ConfigError(f"papo export: {out_dir} is not empty ({len(entries)} entries: {', '.join(entries[:3])}"
+                          f"{', ...' if len(entries) > 3 else ''}); give a new or empty folder (nothing is replaced)")
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    check_export_paths(checkpoint, out_dir)
     try:
         verify_checkpoint(checkpoint)
     except ConfigError as err:

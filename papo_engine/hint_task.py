@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .data import COLORS, Sample, make_sample
+from .data import COLORS, Sample, make_sample, task_questions
 
 TASK = "shape_color_hint"
 HINTS = ("right", "wrong")
@@ -37,9 +37,18 @@ def make_hint_sample(index: int, split: str, seed: int, image_size: int, hint_ac
     else:
         raise ValueError(f"hint={hint!r}: must be None, 'right' or 'wrong'")
     hinted = base.answer if right else wrong
-    return HintSample(images=base.images, question=f"{base.question} Hint: the answer is {hinted}.",
+    return HintSample(images=base.images, question=_hinted(base.question, hinted),
                       answer=base.answer, uid=f"{TASK}-{split}-{hint or 'mixed'}-{index}", caption=base.caption,
                       hint=hinted)
+
+
+def _hinted(question: str, colour: str) -> str:
+    return f"{question} Hint: the answer is {colour}."
+
+
+def hint_questions() -> list[str]:
+    """Every question this task asks: each shape_color question with each colour as its hint."""
+    return [_hinted(q, colour) for q in task_questions("shape_color") for colour in COLORS]
 
 
 class HintDataset:

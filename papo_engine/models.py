@@ -32,9 +32,17 @@ def tiny_config(mcfg: ModelConfig, tokenizer) -> Qwen2_5_VLConfig:
     head_dim = mcfg.hidden_size // mcfg.num_heads
     half = head_dim // 2  # M-RoPE splits the rotary half-dimension into temporal / height / width sections
     mrope = [half - 2 * (half // 3), half // 3, half // 3]
-    # tiny-vocab152k: Qwen2.5-VL-3B's vocabulary (sampled ids the shipped 558-token tokenizer lacks decode to nothing)
-    vocab = ARCHITECTURES["qwen2.5-vl-3b"]["vocab_size"] if mcfg.architecture == "tiny-vocab152k" else \
-        (len(tokenizer) + 63) // 64 * 64
+    # tiny-vocab152k: Qwen2.5-VL-3B's vocabulary; model.vocab_size: any size from the tokenizer's up (benchmark
+    # shapes). Sampled ids the shipped 558-token tokenizer lacks decode to nothing.
+    if mcfg.architecture == "tiny-vocab152k":
+        vocab = ARCHITECTURES["qwen2.5-vl-3b"]["vocab_size"]
+    elif mcfg.vocab_size:
+        if mcfg.vocab_size < len(tokenizer):
+            raise ConfigError(f"model.vocab_size={mcfg.vocab_size}: smaller than the tokenizer's {len(tokenizer)} "
+                              f"tokens")
+        vocab = mcfg.vocab_size
+    else:
+        vocab = (len(tokenizer) + 63) // 64 * 64
     text = dict(vocab_size=vocab, hidden_size=mcfg.hidden_size, intermediate_size=mcfg.intermediate_size,
                 num_hidden_layers=mcfg.num_layers, num_attention_heads=mcfg.num_heads,
                 num_key_value_heads=mcfg.num_kv_heads, max_position_embeddings=TINY_MAX_POSITIONS,

@@ -42,24 +42,27 @@ class OldStats(dict):
     masked branch), ref_logprobs (β > 0), rollout_is_weights (algo.rollout_is, with a backend that reports
     log-probs). With `from_update` the policy's entries are filled by `record` during the update."""
 
-    def __init__(self, stats: dict, rows: int, from_update: bool, rollout_logprobs=None, algo=None):
+    def __init__(self, stats: dict, rows: int, width: int, from_update: bool, rollout_logprobs=None, algo=None):
         super().__init__(stats)
-        self.rows, self.from_update, self.rollout_logprobs, self.algo = rows, from_update, rollout_logprobs, algo
+        self.rows, self.width, self.from_update = rows, width, from_update
+        self.rollout_logprobs, self.algo = rollout_logprobs, algo
 
-    def record(self, a: int, b: int, stats: dict, mask: torch.Tensor) -> None:
-        """On-policy reuse: the update forward's statistics of sequences a..b-1, detached, become π_old's rows
-        (and their rollout IS weights). A no-op when π_old came from the separate pass."""
+    def record(self, index: list[int], stats: dict, mask: torch.Tensor) -> None:
+        """On-policy reuse: the update forward's statistics of sequences `index` (at the micro-batch's response
+        width, `mask`'s), detached, become π_old's rows (and their rollout IS weights). A no-op when π_old came from
+        the separate pass."""
         if not self.from_update:
             return
+        rows, width = torch.tensor(index), mask.shape[1]
         for name, values in stats.items():
             if name not in self:
-                self[name] = values.new_zeros(self.rows, values.shape[1])
-            self[name][a:b] = values.detach()
+                self[name] = values.new_zeros(self.rows, self.width)
+            self[name][rows, :width] = values.detach()
         if self.rollout_logprobs is not None and self.algo.rollout_is != "off":
-            weights = _is_weights(self["logprobs"][a:b], self.rollout_logprobs[a:b], mask, self.algo)
+            weights = _is_weights(self["logprobs"][rows, :width], self.rollout_logprobs[rows, :width], mask, self.algo)
             if "rollout_is_weights" not in self:
-                self["rollout_is_weights"] = weights.new_zeros(self.rows, weights.shape[1])
-            self["rollout_is_weights"][a:b] = weights
+                self["rollout_is_weights"] = weights.new_zeros(self.rows, self.width)
+            self["rollout_is_weights"][rows, :width] = weights
 
 
 def _is_weights(old_logprobs, rollout_logprobs, mask, algo) -> torch.Tensor:
@@ -68,20 +71,24 @@ def _is_weights(old_logprobs, rollout_logprobs, mask, algo) -> torch.Tensor:
 
 
 @torch.no_grad()
-def old_policy_stats(model, reference, seqs: SequenceBatch, chunks: list[tuple[int, int]], *, reuse: bool,
-                     both_branches: bool, temperature: float, rollout_logprobs=None, algo=None) -> OldStats:
-    """One no-grad forward per micro-batch of both branches (unless `reuse`) and of the reference (when given);
-    the rollout IS weights when the policy's log-probs are known here."""
-    parts = []
-    for a, b in chunks if not reuse or reference is not None else ():
-        mb = seqs.slice(a, b)
+def old_policy_stats(model, reference, seqs: SequenceBatch, micro_batches: list[tuple[list[int], SequenceBatch]], *,
+                     reuse: bool, both_branches: bool, temperature: float, rollout_logprobs=None,
+                     algo=None) -> OldStats:
+    """One no-grad forward per micro-batch ((sequence indices, the batch the forward takes)) of both branches
+    (unless `reuse`) and of the reference (when given); the rollout IS weights when the policy's log-probs are known
+    here."""
+    rows, width = len(seqs), seqs.response_ids.shape[1]
+    stats: dict[str, torch.Tensor] = {}
+    for index, mb in micro_batches if not reuse or reference is not None else ():
         part = {} if reuse else response_token_stats(model, mb, both_branches=both_branches, temperature=temperature)
         if reference is not None:
             part["ref_logprobs"] = response_token_stats(reference, mb, both_branches=False,
                                                         temperature=temperature)["logprobs"]
-        parts.append(part)
-    stats = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
-    old = OldStats(stats, len(seqs), reuse, rollout_logprobs, algo)
+        for name, values in part.items():  # at the micro-batch's width: placed in the step's [rows, width]
+            if name not in stats:
+                stats[name] = values.new_zeros(rows, width)
+            stats[name][torch.tensor(index), :values.shape[1]] = values
+    old = OldStats(stats, rows, width, reuse, rollout_logprobs, algo)
     if not reuse and rollout_logprobs is not None and algo.rollout_is != "off":
         old["rollout_is_weights"] = _is_weights(old["logprobs"], rollout_logprobs, seqs.response_mask, algo)
     return old

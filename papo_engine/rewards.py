@@ -9,12 +9,15 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import traceback
 from typing import Callable
 
 import torch
 
+from . import distributed as dist_utils
 from .answers import answers_match
 from .config import Config, ConfigError
+from .data_sources import one_line
 
 _THINK_THEN_BOXED = re.compile(r"^\s*<think>.*?</think>\s*.*\\boxed\{.+\}\s*$", re.DOTALL)
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -79,10 +82,21 @@ class RewardRole:
         self.kwargs = {k: v for k, v in (("accuracy_weight", cfg.reward.accuracy_weight),
                                          ("format_weight", cfg.reward.format_weight)) if k in params}
 
+    def check(self, answer: str) -> None:
+        """Score one well-formed response that gives `answer`, at start-up: a function that raises or returns the
+        wrong shape is named before the model is trained, not after the warm-up.
+        Collective: a failure on any rank stops every rank with one line."""
+        error = None
+        try:
+            self([f"<think>I look at the image.</think> \\boxed{{{answer}}}"], [answer])
+        except ConfigError as err:
+            error = err
+        dist_utils.raise_together(error)
+
     def __call__(self, texts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
-        rows = [self.fn(t, a, **self.kwargs) for t, a in zip(texts, answers)]
+        rows = [self._score(t, a) for t, a in zip(texts, answers)]
         keys = rows[0].keys() if rows else ["reward"]
-        scores = {k: torch.tensor([float(r[k]) for r in rows]) for k in keys}
+        scores = {k: torch.tensor([self._number(r, k, t, a) for r, t, a in zip(rows, texts, answers)]) for k in keys}
         for k, values in scores.items():  # a NaN reward would poison every advantage of its group silently
             bad = torch.nonzero(~torch.isfinite(values)).flatten().tolist()
             if bad:
@@ -90,3 +104,30 @@ class RewardRole:
                                   f"{len(bad)} of {len(values)} responses (first: answer {answers[bad[0]]!r}, "
                                   f"response {texts[bad[0]][:80]!r}); rewards must be finite numbers")
         return scores
+
+    def _score(self, text: str, answer: str) -> dict:
+        """One response's dict, or a ConfigError naming the function, what went wrong and the response."""
+        try:
+            row = self.fn(text, answer, **self.kwargs)
+        except Exception as err:  # the user's code: one line with the exception and where it was raised
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            raise ConfigError(f"reward.function={self.name!r} raised {type(err).__name__}: {one_line(err)} (at "
+                              f"{where.filename}:{where.lineno}; {self._case(text, answer)})") from None
+        if not isinstance(row, dict) or "reward" not in row:
+            raise ConfigError(f"reward.function={self.name!r} returned {one_line(repr(row))[:80]} "
+                              f"({self._case(text, answer)}); it must return a dict with a 'reward' number")
+        return row
+
+    def _number(self, row: dict, key: str, text: str, answer: str) -> float:
+        try:
+            return float(row[key])
+        except KeyError:
+            raise ConfigError(f"reward.function={self.name!r} returned no {key!r} ({self._case(text, answer)}) where "
+                              f"it returned one for another response; return the same keys every time") from None
+        except (TypeError, ValueError):
+            raise ConfigError(f"reward.function={self.name!r} returned {key}={one_line(repr(row[key]))[:80]} "
+                              f"({self._case(text, answer)}); its values must be numbers") from None
+
+    @staticmethod
+    def _case(text: str, answer: str) -> str:
+        return f"answer {answer!r}, response {text[:80]!r}"

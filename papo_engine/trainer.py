@@ -20,18 +20,19 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .actor import SequenceBatch, masked_branch_hidden, response_token_stats, with_prompt_positions
+from .actor import SequenceBatch, masked_branch_hidden, response_token_stats, shares_prompts, with_prompt_positions
 from .old_policy import OldStats, old_policy_stats, on_policy_reuse, rollout_mismatch
 from .algorithms import LossInputs, gamma_at, group_advantages, loss_settings, overlong_penalty, papo_loss
 from .batching import repeat_prompts
 from .config import Config, ConfigError, TrainingStopped
 from .data import GeneratedDataset, chance_accuracy
-from .datasets import load_dataset_files
+from .datasets import check_generated_prompts_fit, data_counts, load_dataset_files
 from .dynamic_sampling import Rollouts, collect_informative_groups
 from .evaluation import held_out_accuracy
 from .head import FusedLMHead
 from .hint_task import TASK as HINT_TASK, HintDataset
 from .masking import mask_prompts
+from .micro_batching import forward_slots, plan_micro_batches, split_to_count
 from .models import encode_prompts, load_image_processor, load_policy, load_tokenizer, prompt_token_limit
 from .rewards import RewardRole
 from .hybrid import HybridEngine
@@ -105,6 +106,7 @@ class PAPOTrainer:
         self.train_set = self._dataset("train", cfg.data.train_files)
         self.eval_set = self._dataset("eval", cfg.data.eval_files)
         self.reward = RewardRole(cfg)
+        self.reward.check(self.train_set[0].answer)  # a reward function that fails is named before the warm-up
         self.stop_point("during model building")
         self.warmup_log: list[dict] = []
         # a resumed policy already holds the warm-start; it is re-run only to rebuild the reference (β > 0),
@@ -130,6 +132,7 @@ class PAPOTrainer:
         self.derive_algorithm()
         self.data_cursor = 0
         self.start_step, self.history, self.nonfinite_skipped, self.consecutive_skips = 0, [], 0, 0
+        self.decode_counts = [0.0, 0.0]  # this step's decode: tokens generated, row-steps computed
         self.last_saved_step = None
         if self.resume_from is not None:
             state = ckpt.load_checkpoint(self.resume_from, self.engine, self.rank)  # also this rank's RNG
@@ -137,6 +140,10 @@ class PAPOTrainer:
             self.history, self.nonfinite_skipped = state.history, state.nonfinite_skipped
             if dist_utils.is_main():
                 print(f"papo: resumed from {self.resume_from} at step {self.start_step}", flush=True)
+        # NaN/inf weights (an earlier run's, an overflowing warm-up) are neither trained on nor saved again
+        self.engine.require_finite_parameters(f"--resume {self.resume_from}" if self.resume_from else
+                                              f"after the warm-up (warmup.lr={cfg.warmup.lr:g})" if self.warmup_log
+                                              else f"model.path={cfg.model.path!r}")
         self.stop_point("while building the training engine")
         # only now, with the checkpoint loaded, may metrics.jsonl lose the steps logged after it
         self.tracker = Tracker(self.out_dir, cfg.to_dict(), cfg.logging.wandb, cfg.logging.project,
@@ -184,10 +191,18 @@ class PAPOTrainer:
                                             and not self.settings.masked_grad)
 
     def _dataset(self, split: str, files: list):
-        """Local files when given, else the generated task's split."""
+        """Local files when given, else the generated task's split; None (no held-out set) for local training
+        files without data.eval_files: the generated task's held-out split would be another task."""
         if files:
             return load_dataset_files(files, self.cfg.data, self.tokenizer, self.image_processor, split,
                                       prompt_token_limit(self.cfg))
+        if self.cfg.data.train_files:
+            if dist_utils.is_main():
+                print("papo: data.eval_files is empty: no held-out evaluation at the end (summary.json says so); "
+                      "set data.eval_files to held-out files in the training data's schema", flush=True)
+            return None
+        if split == "train" and self.cfg.data.max_prompt_length:  # no generated prompt is dropped: all must fit
+            check_generated_prompts_fit(self.cfg.data, self.tokenizer, self.image_processor)
         size = self.cfg.data.train_size if split == "train" else self.cfg.data.eval_size
         if self.cfg.data.task == HINT_TASK:
             return HintDataset(split, size, self.cfg.data.seed, self.cfg.data.image_size, self.cfg.data.hint_accuracy)
@@ -195,8 +210,10 @@ class PAPOTrainer:
 
     def _resume_point(self, resume: str | None) -> Path | None:
         """The checkpoint to continue from; a new run refuses an output_dir that already holds a run.
-        `--resume` on a run that stopped before its first checkpoint starts it again from step 0."""
+        `--resume` on a run that stopped before its first checkpoint starts it again from step 0; on a finished run
+        (summary.json, all trainer.steps done) it is refused: nothing is redone or overwritten."""
         complete = ckpt.complete_checkpoints(self.out_dir)
+        self.previous_summary = ckpt.unfinished_run_summary(self.out_dir, self.cfg.trainer.steps) if resume else {}
         if resume is None:
             if (self.out_dir / "metrics.jsonl").is_file() or complete:
                 how = ("pass --resume to continue it" if complete else
@@ -256,6 +273,9 @@ class PAPOTrainer:
     def generate(self, samples, keys: list[int], timer: Timer | None = None) -> Rollouts:
         prompts = self.encode(samples)
         out = self.hybrid.generate(prompts, self.sampling, timer, prompt_keys=keys)
+        if out.row_steps is not None:  # the step's decode: tokens generated, row-steps computed
+            self.decode_counts = [self.decode_counts[0] + float(out.response_mask.sum()),
+                                  self.decode_counts[1] + out.row_steps]
         answers = [s.answer for s in samples for _ in range(self.sampling.n)]
         try:  # a bad reward on one rank's share stops every rank together, with one line (no hang)
             scores, error = self.reward(out.texts, answers), None
@@ -292,14 +312,33 @@ class PAPOTrainer:
         batch.sequences.masked_pixel_values = masked
         return drawn
 
-    def micro_batches(self, start: int, stop: int) -> list[tuple[int, int]]:
-        size = self.cfg.trainer.micro_batch_size
-        return [(s, min(s + size, stop)) for s in range(start, stop, size)]
+    def micro_batches(self, seqs: SequenceBatch, start: int, stop: int) -> list[list[int]]:
+        """Sequences start..stop-1 of this rank in micro-batches, as many on every rank: consecutive ones of
+        micro_batch_size, or length-aware ones with micro_batch_tokens > 0 (`micro_batching.py`; not for the
+        authors' computation, whose loss is normalized per micro-batch)."""
+        t = self.cfg.trainer
+        if not t.micro_batch_tokens or self.settings.official:
+            return [list(range(s, min(s + t.micro_batch_size, stop))) for s in range(start, stop, t.micro_batch_size)]
+        lengths = seqs.response_mask[start:stop].sum(1).long().tolist()
+        groups = (seqs.prompt_group[start:stop] if seqs.prompt_group is not None else torch.arange(stop - start))
+        plan = plan_micro_batches(seqs.prompts.attention_mask[start:stop].sum(1).tolist(), lengths, groups.tolist(),
+                                  t.micro_batch_tokens, t.micro_batch_size)
+        plan = split_to_count(plan, int(dist_utils.all_reduce_maxes([len(plan)])[0]), lengths)
+        return [[start + i for i in mb] for mb in plan]
+
+    def micro_batch(self, seqs: SequenceBatch, index: list[int]) -> SequenceBatch:
+        """The sequences `index` as one training forward takes them: cut to their own longest prompt and response,
+        responses in buckets of similar length (micro_batch_tokens > 0); else at the step's widths, as before."""
+        if not self.cfg.trainer.micro_batch_tokens:
+            return seqs.select(index)
+        return seqs.select(index, trim=True).with_response_buckets()
 
     def old_stats(self, seqs: SequenceBatch, rollout_logprobs: torch.Tensor | None = None) -> OldStats:
         """Rollout-time log-probs of both branches in one no-grad forward per micro-batch (+ the reference's);
         on-policy reuse leaves the policy's to the update forward (`old_policy.py`)."""
-        return old_policy_stats(self.engine.module, self.reference, seqs, self.micro_batches(0, len(seqs)),
+        plan = self.micro_batches(seqs, 0, len(seqs))
+        return old_policy_stats(self.engine.module, self.reference, seqs,
+                                [(index, self.micro_batch(seqs, index)) for index in plan],
                                 reuse=self.reuse_update_forward, both_branches=self.masked_branch,
                                 temperature=self.sampling.temperature, rollout_logprobs=rollout_logprobs,
                                 algo=self.cfg.algo)
@@ -318,8 +357,13 @@ class PAPOTrainer:
                 applied_all = applied_all and applied
         # token-weighted means over ALL ranks' tokens; the loss is a sum of per-rank parts of one global mean
         total = float(seqs.response_mask.sum()) * self.cfg.trainer.ppo_epochs
+        slots, real = sums.pop("_slots"), sums.pop("_real")
         out = {f"update/{k}": v for k, v in dist_utils.global_means(
             {k: (v, total) for k, v in sums.items() if k != "loss"}).items()}
+        # padded token slots / all slots of the update's forwards; how uneven the ranks' real tokens are
+        all_slots, all_real = dist_utils.all_reduce_sums([slots, real])
+        out["update/padding_fraction"] = 1 - all_real / max(all_slots, 1)
+        out["update/rank_token_imbalance"] = dist_utils.all_reduce_maxes([real])[0] / max(all_real / self.world, 1)
         optimizer_steps = self.cfg.trainer.ppo_epochs * self.updates_per_step
         out["update/loss"] = dist_utils.all_reduce_sum(sums.get("loss", 0.0)) / optimizer_steps
         if self.settings.official:  # the authors' loss is a per-rank mean, averaged over ranks
@@ -344,39 +388,44 @@ class PAPOTrainer:
         valid = seqs.response_mask[lo:hi]
         global_tokens = dist_utils.all_reduce_sum(valid.sum())
         global_seqs = dist_utils.all_reduce_sum((valid.sum(1) > 0).sum())  # DAPO padding excluded
-        chunks = self.micro_batches(lo, hi)
+        plan = self.micro_batches(seqs, lo, hi)
         per_pass = self.micro_batches_per_no_grad_pass()
-        held = None  # official: (first row, the masked branch's no-grad hidden states) of the current pass
+        held = None  # official: the masked branch's no-grad hidden states of the current pass, per micro-batch
         loss_finite = True
-        for i, (a, b) in enumerate(chunks):
-            mb = seqs.slice(a, b)
+        for i, index in enumerate(plan):
+            mb = self.micro_batch(seqs, index)
             self.engine.start_micro_batch()
             if self.masked_forward_without_grad and i % per_pass == 0:
                 held = None  # only one pass's hidden states alive at a time
-                held = (a, masked_branch_hidden(model, seqs.slice(a, chunks[min(i + per_pass, len(chunks)) - 1][1])))
+                members = plan[i:i + per_pass]
+                hidden = masked_branch_hidden(model, self.micro_batch(seqs, [j for m in members for j in m]))
+                held = hidden.split([int(seqs.response_mask[m].sum()) for m in members])  # row-major: in order
             stats = response_token_stats(model, mb, both_branches=both, temperature=self.sampling.temperature,
-                                         masked_hidden=None if held is None else held[1][a - held[0]:b - held[0]])
+                                         masked_hidden=None if held is None else held[i % per_pass])
             mask = mb.response_mask
-            old.record(a, b, stats, mask)  # on-policy reuse: this forward, detached, is π_old (before the loss)
+            old.record(index, stats, mask)  # on-policy reuse: this forward, detached, is π_old (before the loss)
+            slots, real = forward_slots(mb, shares_prompts(model, mb))
+            sums["_slots"], sums["_real"] = sums.get("_slots", 0) + slots, sums.get("_real", 0) + real
+            rows, width = torch.tensor(index), mask.shape[1]
             # official: the masked branch's log-probs, entropy and KL are the rollout-time constants
-            masked = stats if both else {k: old[k][a:b] for k in ROLLOUT_TIME_MASKED if k in old}
+            masked = stats if both else {k: old[k][rows, :width] for k in ROLLOUT_TIME_MASKED if k in old}
             if self.settings.official:  # the authors: token-mean per micro-batch / accumulation count
-                token_norm = mask.sum().clamp(min=1) * len(chunks)
+                token_norm = mask.sum().clamp(min=1) * len(plan)
             else:
                 token_norm = global_tokens
             inputs = LossInputs(
-                logprobs=stats["logprobs"], old_logprobs=old["logprobs"][a:b], response_mask=mask,
-                advantages=advantages[a:b], entropy=stats["entropy"], masked_logprobs=masked.get("masked_logprobs"),
+                logprobs=stats["logprobs"], old_logprobs=old["logprobs"][rows, :width], response_mask=mask,
+                advantages=advantages[rows], entropy=stats["entropy"], masked_logprobs=masked.get("masked_logprobs"),
                 masked_entropy=masked.get("masked_entropy"), full_kl=masked.get("kl"),
-                ref_logprobs=old["ref_logprobs"][a:b] if "ref_logprobs" in old else None,
-                rollout_is_weights=old["rollout_is_weights"][a:b] if "rollout_is_weights" in old else None)
+                ref_logprobs=old["ref_logprobs"][rows, :width] if "ref_logprobs" in old else None,
+                rollout_is_weights=old["rollout_is_weights"][rows, :width] if "rollout_is_weights" in old else None)
             loss, metrics = papo_loss(inputs, self.cfg.algo, gamma, token_normalizer=token_norm,
                                       seq_normalizer=global_seqs)
             loss_finite = loss_finite and bool(torch.isfinite(loss))
             # DeepSpeed averages gradients over ranks. Our loss is already a global mean, so undo that; the
             # authors' (official) loss is a per-rank mean that they average the same way.
             rank_scale = 1 if self.settings.official else self.world
-            self.engine.backward(loss * rank_scale, last_micro_batch=i == len(chunks) - 1)
+            self.engine.backward(loss * rank_scale, last_micro_batch=i == len(plan) - 1)
             kl_per_seq = metrics.pop("perception_kl_per_seq", None)
             if per_seq_kl is not None and kl_per_seq is not None:
                 per_seq_kl.append(kl_per_seq.detach().float())
@@ -405,7 +454,7 @@ class PAPOTrainer:
                 if self.run_lock is not None:  # rank 0: the folder's lock record says the run is alive
                     self.run_lock.heartbeat(step + 1)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics.get('accuracy', 0):.2f}",
-                                kl=f"{metrics.get('perception_kl', 0.0):.3f}")
+                                kl=f"{metrics.get('perception_kl', 0.0):.3f}", len=f"{metrics['response_length']:.0f}")
                 signum = signals.agreed_stop()  # collective: all ranks stop at the same step
                 if signum is not None:
                     self.stop_preempted(step + 1, signum)
@@ -428,6 +477,7 @@ class PAPOTrainer:
         steps = cfg.trainer.steps
         timer = Timer()
         step_start = time.perf_counter()
+        self.decode_counts = [0.0, 0.0]
         batch, info = self.collect(timer)
         with timer.phase("advantages"):
             advantages = group_advantages(batch.scores["reward"], self.sampling.n, cfg.algo.norm_adv_by_std)
@@ -457,12 +507,20 @@ class PAPOTrainer:
             "masked_entropy": (float((old["masked_entropy"] * mask).sum()), tokens),
             "perception_reliance_mean": (float(per_seq_kl.sum()), float(len(per_seq_kl))),
         } if self.masked_branch else {}
+        lengths = batch.sequences.response_mask.sum(1)[valid]
+        prompt_lengths = batch.prompts.attention_mask.sum(1).float()
+        generated, row_steps = self.decode_counts
         metrics = dist_utils.global_means({  # over all ranks' sequences / tokens
             **{k: (float(v[valid].sum()), sequences) for k, v in batch.scores.items()},
             "response_length": (float(mask.sum()), sequences),
+            "response_length/clip_ratio": (float((lengths >= self.sampling.max_new_tokens).sum()), sequences),
+            "prompt_length": (float(prompt_lengths.sum()), float(len(prompt_lengths))),
             "entropy": (float((old["entropy"] * mask).sum()), tokens),
+            **({"rollout/row_utilization": (generated, row_steps)} if row_steps else {}),
             **masked, **mismatch,
         })
+        metrics["response_length/max"], metrics["prompt_length/max"] = dist_utils.all_reduce_maxes(
+            [float(lengths.max()) if len(lengths) else 0.0, float(prompt_lengths.max())])
         metrics.update({
             "clip_fraction": upd.get("update/pg_clipfrac", 0.0),
             "gamma": gamma, "lr": lr, **upd, **info,
@@ -483,6 +541,11 @@ class PAPOTrainer:
         if not applied:
             tqdm.write(f"papo: step {step}: non-finite loss or gradient norm, update skipped "
                        f"({skips} in a row, {self.nonfinite_skipped} in total)")
+        if self.engine.nonfinite_after_step:  # finite loss and gradients, but the update overflowed: stop unsaved
+            raise TrainingStopped(f"step {step}: the optimizer step made {self.engine.nonfinite_after_step:,} of "
+                                  f"{self.engine.parameter_count:,} parameter values NaN or inf (lr {lr:g}; loss and "
+                                  f"gradients finite); they were not saved, {ckpt.newest_text(self.out_dir)}; lower "
+                                  f"optim.lr and start a new trainer.output_dir")
         if skips >= cfg.trainer.max_nonfinite_steps:
             path = self.save_checkpoint(step + 1)
             raise TrainingStopped(f"{skips} consecutive steps had a non-finite loss or gradient norm "
@@ -504,11 +567,11 @@ class PAPOTrainer:
     def finish(self, history: list[dict]) -> dict:
         cfg = self.cfg
         summary = {"steps": len(history)}
-        if not cfg.data.eval_files:
+        if not cfg.data.train_files:  # the generated task's
             summary["chance_accuracy"] = chance_accuracy(cfg.data.task)
         for split, dataset in (("train", self.train_set), ("eval", self.eval_set)):  # local files: every rank
             if getattr(dataset, "skipped", None) is not None:  # loads them all, so these counts are global
-                summary[f"data_{split}"] = {"loaded": len(dataset), "skipped": dict(dataset.skipped)}
+                summary[f"data_{split}"] = data_counts(dataset)
         if cfg.trainer.save_final:  # before the evaluation: an error there must not lose the final weights
             path = self.out_dir / "checkpoint-final"
             try:
@@ -526,7 +589,9 @@ class PAPOTrainer:
         self._final_stop_point("while saving the final model",
                                f"{done}; {model}; the final evaluation was not run: run `papo eval --model <the "
                                f"model> --data <files>`; nothing to continue")
-        summary["eval_accuracy"] = held_out_accuracy(self)
+        summary["eval_accuracy"] = None if self.eval_set is None else held_out_accuracy(self)
+        if self.eval_set is None:
+            summary["eval"] = "not run: data.train_files without data.eval_files (no held-out files given)"
         if history:
             k = max(1, len(history) // 5)
             first = sum(h["reward"] for h in history[:k]) / k
@@ -541,6 +606,8 @@ class PAPOTrainer:
             summary["wandb_dir"] = self.tracker.wandb_dir
             if self.warmup_log:
                 summary["warmup_final_loss"] = self.warmup_log[-1]["loss"]
+            elif "warmup_final_loss" in self.previous_summary:  # a continued run: the warm-up ran in its first start
+                summary["warmup_final_loss"] = self.previous_summary["warmup_final_loss"]
             self.tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self._final_stop_point("during the final evaluation",

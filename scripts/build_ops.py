@@ -1,7 +1,7 @@
 """Build the C++ extensions that are otherwise JIT-compiled on first use, once, at set-up time (scripts/setup.sh).
 
 On a CPU machine a first training run (or the first test that needs one) would otherwise compile them itself,
-~1 min each on 2 cores: the fused head's C++ backend (papo_kernels), and DeepSpeed's shared-memory
+~1 min each on 2 cores: the fused head's and the decode attention's C++ ops (papo_kernels), and DeepSpeed's shared-memory
 communication op (every process group), CPU Adam (deepspeed.offload_optimizer) and FusedAdam
 (offload_states_during_rollout). They are cached in $TORCH_EXTENSIONS_DIR (scripts/env.sh), so this is a no-op
 when they are built. A failure here is only a warning: the op is then built on first use, as before.
@@ -22,9 +22,10 @@ def main() -> int:
     failed = []
     try:
         from papo_kernels import cpp_backend
-        cpp_backend.load()
+        for which in cpp_backend.EXTENSIONS:
+            cpp_backend.load(which)
     except Exception as exc:  # noqa: BLE001
-        failed.append(f"papo_kernels C++ head: {exc}")
+        failed.append(f"papo_kernels C++ ops: {exc}")
     try:
         from deepspeed.accelerator import get_accelerator
         accelerator = get_accelerator()

@@ -55,8 +55,9 @@ class Logprob:
 class SamplingParams:
     """Only the fields papo_engine sets, with vLLM's names and defaults; unknown names raise like msgspec."""
 
-    _DEFAULTS = dict(n=1, temperature=1.0, top_p=1.0, top_k=0, seed=None, max_tokens=16, stop_token_ids=None,
-                     logit_bias=None, detokenize=True, skip_special_tokens=True, ignore_eos=False, logprobs=None)
+    _DEFAULTS = dict(n=1, temperature=1.0, top_p=1.0, top_k=0, seed=None, max_tokens=16, min_tokens=0,
+                     stop_token_ids=None, logit_bias=None, detokenize=True, skip_special_tokens=True, ignore_eos=False,
+                     logprobs=None)
 
     def __init__(self, **kwargs):
         unknown = set(kwargs) - set(self._DEFAULTS)
@@ -66,6 +67,8 @@ class SamplingParams:
             setattr(self, k, v)
         if self.n < 1 or self.max_tokens < 1:
             raise ValueError("n and max_tokens must be >= 1")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}.")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if self.temperature > 2.0:
@@ -295,7 +298,8 @@ class LLM:
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                     pixel_values=torch.cat([pixel] * rows), image_grid_thw=torch.cat([vision["image_grid_thw"]] * rows),
                     mm_token_type_ids=(input_ids == self.hf_model.config.image_token_id).int(),
-                    max_new_tokens=sp.max_tokens, eos_token_id=stops, pad_token_id=self.tokenizer.pad_token_id,
+                    max_new_tokens=sp.max_tokens, min_new_tokens=sp.min_tokens, eos_token_id=stops,
+                    pad_token_id=self.tokenizer.pad_token_id,
                     logits_processor=LogitsProcessorList([_Bias()]), output_scores=True,
                     return_dict_in_generate=True, **kwargs)
             tokens = out.sequences[:, len(ids):]

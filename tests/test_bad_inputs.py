@@ -299,3 +299,90 @@ def test_image_processor_files_bad_or_absent(tmp_path):
     (tmp_path / "processor_config.json").write_text('{"image_processor": {"patch_size": 1')
     with pytest.raises(ConfigError, match=r"processor_config.json: not valid JSON"):
         saved_image_processor_settings(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# issue 43, items 3, 5 and 11: an image gone during the run, training files without held-out files, the prompt
+# limit on the generated task
+
+
+def test_image_gone_after_the_load_is_replaced_counted_and_named(tiny, tmp_path, caplog):
+    from papo_engine.datasets import data_counts
+    for name, color in (("a", (200, 30, 30)), ("b", (30, 200, 30)), ("c", (30, 30, 200))):
+        (tmp_path / f"{name}.png").write_bytes(_png(color=color))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"id": name, "problem": "Q?", "answer": name,
+                                                          "images": [f"{name}.png"]}) + "\n" for name in "abc"))
+    ds = _load(tiny, [str(tmp_path / "d.jsonl")])
+    (tmp_path / "b.png").unlink()  # deleted while the run goes on
+    (tmp_path / "c.png").write_bytes(b"\x89PNG truncated")  # overwritten with something that does not decode
+    with caplog.at_level(logging.WARNING, logger="papo_engine.datasets"):
+        assert [ds[i].uid for i in range(3)] == ["a", "a", "a"]  # b -> c (broken too) -> a; c -> a
+    assert ds.replaced == {"missing_image_file": 1, "corrupt_image": 2}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(f"record b ({tmp_path / 'd.jsonl'}:2): missing_image_file ({tmp_path / 'b.png'}) since the load"
+               in m for m in warnings), warnings
+    assert any(f"record c ({tmp_path / 'd.jsonl'}:3): corrupt_image ({tmp_path / 'c.png'}:" in m for m in warnings)
+    assert data_counts(ds) == {"loaded": 3, "skipped": {}, "replaced": {"missing_image_file": 1, "corrupt_image": 2}}
+    (tmp_path / "a.png").unlink()
+    with pytest.raises(ConfigError, match=r"train: none of the 3 records' images can be read any more"):
+        ds[0]
+
+
+def test_eval_every_needs_eval_files_with_train_files(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"^trainer.eval_every=5 with data.train_files needs data.eval_files"):
+        load_config(overrides=[f"data.train_files=[{data}]", "warmup.steps=0", "trainer.eval_every=5"])
+
+
+def _train(tmp_path, capsys, *overrides):
+    """`papo train` in this process: (exit code, its `papo:` lines on stderr, stdout)."""
+    from papo_engine.cli import main
+    code = main(["train", f"trainer.output_dir={tmp_path / 'run'}", "logging.wandb=false", "logging.plot=false",
+                 *overrides])
+    out, err = capsys.readouterr()
+    return code, [line for line in err.splitlines() if line.startswith("papo:")], out
+
+
+@pytest.mark.slow  # a 1-step training in this process (~10 s)
+def test_training_files_without_eval_files_are_not_evaluated_on_another_task(tiny, tmp_path, capsys):
+    from papo_engine.data import GeneratedDataset
+    rows = []
+    for i in range(4):
+        sample = GeneratedDataset("shape_color", "train", 4, 5, 56)[i]
+        sample.image.save(tmp_path / f"{i}.png")
+        rows.append({"problem": sample.question, "answer": sample.answer, "images": [f"{i}.png"]})
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, lines, out = _train(tmp_path, capsys, f"data.train_files=[{tmp_path / 'train.jsonl'}]", "warmup.steps=0",
+                              "trainer.steps=1", "trainer.prompts_per_step=4", "rollout.n=2",
+                              "rollout.max_new_tokens=4", "trainer.save_every=0", "trainer.save_final=false")
+    assert code == 0, lines
+    assert "papo: data.eval_files is empty: no held-out evaluation at the end" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval_accuracy"] is None and "chance_accuracy" not in summary
+    assert summary["eval"].startswith("not run: data.train_files without data.eval_files")
+
+
+def test_generated_prompts_fit_the_prompt_limit(tiny):
+    from papo_engine.data import GeneratedDataset
+    from papo_engine.datasets import check_generated_prompts_fit
+    from papo_engine.hint_task import HintDataset
+    _, tokenizer, processor, _ = tiny
+    for task, dataset in (("shape_color", GeneratedDataset("shape_color", "train", 64, 0, 56)),
+                          ("shape_color_hint", HintDataset("train", 64, 0, 56, 0.7))):
+        lengths = [int(encode_prompts([s.question], [s.images], tokenizer, processor).attention_mask.sum())
+                   for s in (dataset[i] for i in range(len(dataset)))]
+        data = dataclasses.replace(Config().data, task=task, max_prompt_length=max(lengths))
+        check_generated_prompts_fit(data, tokenizer, processor)  # the longest prompt drawn fits exactly
+        data.max_prompt_length = max(lengths) - 1
+        with pytest.raises(ConfigError, match=rf"^data.max_prompt_length={max(lengths) - 1}: the generated task "
+                                              rf"'{task}' at data.image_size=56 has prompts of up to {max(lengths)} "
+                                              rf"tokens"):
+            check_generated_prompts_fit(data, tokenizer, processor)
+
+
+@pytest.mark.slow  # builds the trainer in this process (~5 s)
+def test_prompt_limit_on_the_generated_task_is_not_ignored(tmp_path, capsys):
+    code, lines, _ = _train(tmp_path, capsys, "data.max_prompt_length=10", "warmup.steps=0")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("papo: error: data.max_prompt_length=10: the "
+                                                                 "generated task 'shape_color'"), lines

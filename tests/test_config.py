@@ -137,3 +137,38 @@ def test_attention_auto_resolves_to_sdpa_without_flash_attn(monkeypatch):
     assert attention_implementation("eager") == "eager"
     with pytest.raises(ConfigError, match="flash_attention_2' needs CUDA and the flash-attn package"):
         load_config(None, ["model.attn_implementation=flash_attention_2"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# issue 43: NaN and infinity pass no range comparison; a key given twice in a YAML file
+
+
+@pytest.mark.parametrize("override", ["rollout.temperature=nan", "algo.gamma=nan", "mask.ratio=nan", "optim.lr=nan",
+                                      "rollout.top_p=nan", "algo.dual_clip=nan", "algo.clip_ratio_high=nan",
+                                      "trainer.lock_wait_s=nan", "optim.lr=inf", "algo.clip_ratio_high=inf",
+                                      "trainer.collective_timeout_s=-inf"])
+def test_nonfinite_numbers_are_refused(override):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(f"{key}={float(value)!r}: not a finite number; must be a ")
+
+
+def test_nan_in_a_yaml_file_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: .nan\n")
+    with pytest.raises(ConfigError, match=r"^optim.lr=nan: not a finite number; must be a float > 0.0$"):
+        load_config(path)
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1.0e-3\n  eps: 1.0e-7\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: line 4, column 3 malformed YAML \(duplicate key 'lr', first "
+                                          r"given on line 2: give each key once\)$"):
+        load_config(path)
+    path.write_text("optim: {lr: 1.0e-3}\ntrainer: {steps: 3}\noptim: {eps: 1.0e-7}\n")
+    with pytest.raises(ConfigError, match=r"line 3, column 1 .*duplicate key 'optim', first given on line 1"):
+        load_config(path)
+    path.write_text("optim:\n  <<: {lr: 1.0e-3, eps: 1.0e-7}\n  lr: 2.0e-3\n")  # a merge key may be overridden
+    assert (load_config(path).optim.lr, load_config(path).optim.eps) == (2.0e-3, 1.0e-7)

@@ -140,3 +140,119 @@ def test_export_of_a_damaged_checkpoint_or_onto_a_file_is_one_line(trained, tmp_
     line = _one_line_error("export", str(damaged), str(tmp_path / "out"))
     assert f"{model_states}: unreadable" in line
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# issue 43, items 4, 7, 8, 9, 10: nothing a user typed loses a result or replaces a file without one line
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A Hugging Face directory of the tiny model at its seed-0 initialization (no training needed)."""
+    from papo_engine.config import Config
+    from papo_engine.models import load_image_processor, load_policy, load_tokenizer
+    folder = tmp_path_factory.mktemp("model")
+    cfg = Config()
+    tokenizer = load_tokenizer(cfg.model)
+    load_policy(cfg.model, tokenizer, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    load_image_processor(cfg).save_pretrained(folder)
+    return folder
+
+
+def _main(capsys, *args):
+    """`papo` in this process: (exit code, its `papo:` lines on stderr); a Ctrl-C that escapes is a result too."""
+    from papo_engine.cli import main
+    try:
+        code = main(list(args))
+    except KeyboardInterrupt:
+        code = "KeyboardInterrupt escaped"
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("papo:")]
+
+
+EVAL = ["--k", "1", "--temperature", "0", "rollout.max_new_tokens=4"]
+
+
+def test_eval_names_files_that_share_a_stem_by_their_paths(model_dir, tmp_path, capsys):
+    a, b = _benchmark_file(tmp_path / "a", 2), _benchmark_file(tmp_path / "b", 3)
+    report_file = tmp_path / "eval.json"
+    code, lines = _main(capsys, "eval", "--model", str(model_dir), "--data", str(a), str(b), "--output",
+                        str(report_file), *EVAL)
+    assert code == 0, lines
+    report = json.loads(report_file.read_text())
+    assert {name: row["questions"] for name, row in report["benchmarks"].items()} == {str(a): 2, str(b): 3}
+    assert "pending" not in report
+    code, lines = _main(capsys, "eval", "--model", str(model_dir), "--data", str(a), str(a), *EVAL)
+    assert code == 2 and lines == [f"papo: error: papo eval: --data {a} is given twice; give each benchmark file "
+                                   f"once"]
+
+
+def test_eval_output_that_is_a_folder_is_refused_before_the_work(model_dir, tmp_path, capsys, monkeypatch):
+    import papo_engine.evaluation as evaluation
+    monkeypatch.setattr(evaluation, "load_policy", lambda *a, **k: pytest.fail("the evaluation was started"))
+    bench = _benchmark_file(tmp_path / "bench", 1)
+    code, lines = _main(capsys, "eval", "--model", str(model_dir), "--data", str(bench), "--output", str(tmp_path),
+                        *EVAL)
+    assert code == 2 and lines == [f"papo: error: papo eval: --output {tmp_path} is a folder; give the report's "
+                                   f"file path, e.g. {tmp_path / 'eval.json'}"]
+
+
+def test_ctrl_c_during_eval_keeps_the_files_done(model_dir, tmp_path, capsys, monkeypatch):
+    import papo_engine.evaluation as evaluation
+    files = [_benchmark_file(tmp_path / name, 2) for name in ("one", "two", "three")]
+    real_load = evaluation.load_dataset_files
+
+    def load_then_ctrl_c(paths, *args, **kwargs):
+        if paths == [str(files[1])]:
+            raise KeyboardInterrupt  # as Python raises it on SIGINT
+        return real_load(paths, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "load_dataset_files", load_then_ctrl_c)
+    report_file = tmp_path / "eval.json"
+    code, lines = _main(capsys, "eval", "--model", str(model_dir), "--data", *map(str, files), "--output",
+                        str(report_file), *EVAL)
+    assert code == 130 and lines == [
+        f"papo: stopped: SIGINT received during the evaluation of {files[1]}: the results of 1 of 3 files "
+        f"({files[0]}) are in {report_file}; evaluate the rest with --data {files[1]} {files[2]} and another --output"]
+    report = json.loads(report_file.read_text())
+    assert list(report["benchmarks"]) == [str(files[0])] and report["benchmarks"][str(files[0])]["questions"] == 2
+    assert report["pending"] == [str(files[1]), str(files[2])]
+
+
+def _fake_checkpoint(folder: Path) -> Path:
+    """Enough of a checkpoint for the checks made before anything is read: a folder with COMPLETE."""
+    folder.mkdir(parents=True)
+    (folder / "COMPLETE").write_text("2")
+    return folder
+
+
+def test_export_never_writes_into_a_folder_that_holds_files(tmp_path, capsys):
+    checkpoint = _fake_checkpoint(tmp_path / "run" / "checkpoints" / "step-000002")
+    final = tmp_path / "run" / "checkpoint-final"  # a run's own final model
+    final.mkdir()
+    for name in ("model.safetensors.index.json", "config.json", "tokenizer.json"):
+        (final / name).write_text("kept")
+    code, lines = _main(capsys, "export", str(checkpoint), str(final))
+    assert code == 2 and lines == [f"papo: error: papo export: {final} is not empty (3 entries: config.json, "
+                                   f"model.safetensors.index.json, tokenizer.json); give a new or empty folder "
+                                   f"(nothing is replaced)"]
+    assert sorted(p.read_text() for p in final.iterdir()) == ["kept"] * 3
+    for inside in (checkpoint, checkpoint / "exported"):
+        code, lines = _main(capsys, "export", str(checkpoint), str(inside))
+        assert code == 2 and lines == [f"papo: error: papo export: {inside} is within the checkpoint {checkpoint}; "
+                                       f"give a folder outside it"]
+    assert not (checkpoint / "exported").exists()
+
+
+def test_export_of_a_checkpoint_that_is_gone_says_so(tmp_path, capsys):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for step in (150, 200):
+        _fake_checkpoint(checkpoints / f"step-{step:06d}")
+    removed = checkpoints / "step-000050"  # deleted by keep_last
+    code, lines = _main(capsys, "export", str(removed), str(tmp_path / "out"))
+    assert code == 2 and lines == [f"papo: error: papo export: {removed} does not exist; the run keeps only its "
+                                   f"newest trainer.keep_last checkpoints: step-000150, step-000200 in {checkpoints}"]
+    never = tmp_path / "no" / "such" / "folder"
+    code, lines = _main(capsys, "export", str(never), str(tmp_path / "out"))
+    assert code == 2 and lines == [f"papo: error: papo export: {never} does not exist"]
+    assert not (tmp_path / "out").exists()

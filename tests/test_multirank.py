@@ -18,9 +18,12 @@ from papo_engine.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # 2-rank trainings against 1-rank ones
+# a token budget of 80 (prompts ~57 tokens, responses <= 8): length-aware micro-batches that split prompt groups,
+# planned per rank (2 ranks: 8 sequences each, as many micro-batches on both) against the one rank's plan of 16
 RUN = ["trainer.steps=3", "warmup.steps=20", "trainer.prompts_per_step=4", "rollout.n=4",
-       "trainer.micro_batch_size=4", "rollout.max_new_tokens=8", "trainer.eval_samples=1", "logging.wandb=false",
-       "logging.plot=false", "trainer.save_every=0", "kernels.backend=torch"]
+       "trainer.micro_batch_size=4", "trainer.micro_batch_tokens=80", "rollout.max_new_tokens=8",
+       "trainer.eval_samples=1", "logging.wandb=false", "logging.plot=false", "trainer.save_every=0",
+       "kernels.backend=torch"]
 COMPARED = ["reward", "response_length", "perception_kl", "entropy", "update/loss", "update/pg_loss",
             "update/perception_kl", "grad_norm"]
 

@@ -8,9 +8,10 @@ from papo_engine.actor import SequenceBatch, prefill, prompt_positions, response
 from papo_engine.batching import repeat_prompts, select_prompts
 from papo_engine.data import GeneratedDataset
 from papo_engine.models import encode_prompts
-from papo_engine.rollout.base import SamplingParams
-from papo_engine.rollout.decoder import TextDecoder
+from papo_engine.rollout.base import SamplingParams, response_keys
+from papo_engine.rollout.decoder import TextDecoder, row_buckets, width_bucket
 from papo_engine.rollout.hf import HFRollout
+from papo_engine.rollout.lengths import LengthProfile
 from papo_engine.rollout.native import NativeRollout
 
 from model_copies import eos_prone
@@ -103,26 +104,57 @@ def test_unkeyed_sampling_and_greedy_copies(setup):
         assert len(set(greedy.texts[3 * g:3 * g + 3])) == 1
 
 
-def test_the_fixed_shape_step_of_the_cuda_graph_equals_the_plain_step(setup):
-    """The graphed step attends over every slot of the cache with the mask alone; run here without the capture."""
+def test_imposed_lengths_end_every_row_at_its_length_with_the_same_tokens_as_hf(setup):
+    """A benchmark's LengthProfile: each response ends exactly at its key's length (eos there, never before), in
+    both backends, with the same tokens; the native decode drops the finished rows (fewer row-steps than HF's)."""
+    tokenizer, model, prompts = setup
+    profile = LengthProfile(median=4, cap=14, sigma=0.9, seed=3)
+    sampling = SamplingParams(n=4, temperature=1.0, top_p=1.0, max_new_tokens=14, seed=5, length_profile=profile)
+    keys = [10, 11, 12, 13]
+    hf = HFRollout(model, tokenizer, batch_size=16).generate(prompts, sampling, prompt_keys=keys)
+    native = NativeRollout(model, tokenizer, batch_size=16).generate(prompts, sampling, prompt_keys=keys)
+    lengths = profile.lengths(response_keys(keys, 4))
+    assert len(set(lengths.tolist())) > 4 and int(lengths.max()) == 14, lengths  # uneven, some at the cap
+    assert torch.equal(native.response_mask.sum(1).long(), lengths)
+    assert (native.response_ids.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1) == tokenizer.eos_token_id).all()
+    assert torch.equal(native.response_ids, hf.response_ids)
+    assert hf.row_steps == 16 * 14
+    assert int(lengths.sum()) <= native.row_steps < hf.row_steps
+
+
+def test_compaction_and_the_graph_width_keep_each_rows_logits(setup):
+    """The decoder's step at a CUDA graph's width (slots beyond the written ones masked) and after compaction (the
+    unfinished rows moved to the front of a smaller batch, spare rows added) gives each row the logits of the plain
+    step over all rows (run here without the capture)."""
     tokenizer, model, prompts = setup
     positions = prompt_positions(model, prompts)
-    rows_from = torch.arange(4).repeat_interleave(2)
-    steps = 5
-    P = prompts.input_ids.shape[1]
-    plain, full = (TextDecoder(model, 8, P + steps) for _ in range(2))
+    n, steps = 3, 6
+    B, P = prompts.input_ids.shape
+    plain, graph_width, compacted = (TextDecoder(model, B, n, P, steps) for _ in range(3))
     with torch.no_grad():
         hidden, cache = prefill(model, prompts.input_ids, prompts.attention_mask, positions, prompts.pixel_values,
                                 prompts.image_grid_thw)
-        for decoder in (plain, full):
-            decoder.fill_prompt(cache, 2, prompts.attention_mask)
-        start = positions.amax(dim=(0, 2))[rows_from] + 1
-        tokens = torch.randint(0, 500, (8,), generator=torch.Generator().manual_seed(0))
+        for decoder in (plain, graph_width, compacted):
+            decoder.fill_prompt(cache, prompts.attention_mask)
+        start = positions.amax(dim=(0, 2)).repeat_interleave(n) + 1
+        tokens = torch.randint(0, 500, (B * n,), generator=torch.Generator().manual_seed(0))
+        # before step 3, rows 1, 4, 5, 9 stay (prompts 0, 1, 3: prompt 2 leaves), in a batch of 8 (a row_buckets size)
+        keep = torch.tensor([1, 4, 5, 9])
+        batch = torch.cat([keep, keep[-1:].expand(4)])
+        assert 8 in row_buckets(B * n)
         for t in range(steps):
-            slot = torch.tensor([P + t])
-            a = plain.step(tokens, start + t, slot, width=P + t + 1)
-            b = full.step(tokens, start + t, slot, width=P + steps)
+            slot = torch.tensor([t])
+            a = plain.step(tokens, start + t, slot, width=t + 1)
+            b = graph_width.step(tokens, start + t, slot, width=width_bucket(t + 1, steps))
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
+            if t < 3:
+                c = compacted.step(tokens, start + t, slot, width=t + 1)
+                assert torch.allclose(a, c, atol=1e-5, rtol=1e-5)
+            else:
+                if t == 3:
+                    assert torch.equal(compacted.compact(keep, 8, written=t), batch)
+                c = compacted.step(tokens[batch], start[batch] + t, slot, width=t + 1)
+                assert torch.allclose(a[keep], c[:4], atol=1e-5, rtol=1e-5), (a[keep] - c[:4]).abs().max()
             tokens = a.argmax(-1)
 
 

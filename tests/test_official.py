@@ -229,10 +229,10 @@ def test_official_trainer_step_equals_the_authors_on_the_tiny_model(tmp_path):
     grid, _ = mask_prompts(dataclasses.replace(cfg.mask, space="grid"), batch.prompts, batch.prompt_keys, 5,
                            cfg.trainer.seed, trainer.image_processor)
     assert torch.equal(seqs.masked_pixel_values, raw) and not torch.equal(raw, grid)
-    chunks = trainer.micro_batches(0, len(seqs))
-    assert len(chunks) == 5
+    chunks = trainer.micro_batches(seqs, 0, len(seqs))
+    assert chunks == [list(range(a, a + 4)) for a in range(0, 20, 4)]  # fixed micro-batches: the authors' loss
     total = 0.0
-    for a, b in chunks:
+    for a, b in ((c[0], c[-1] + 1) for c in chunks):
         mb = seqs.slice(a, b)
         stats = response_token_stats(module, mb, both_branches=False, temperature=cfg.rollout.temperature)
         loss = authors_micro_batch_loss(

@@ -130,7 +130,8 @@ def test_new_run_refuses_an_output_dir_holding_a_run(straight_run):
 
 
 def test_resume_with_other_settings_is_refused(straight_run):
-    result = subprocess.run(_cmd(straight_run, "trainer.steps=6", "algo.gamma=0.5", resume=True),
+    # one step more: a finished run (all trainer.steps done) is not resumed at all
+    result = subprocess.run(_cmd(straight_run, "trainer.steps=7", "algo.gamma=0.5", resume=True),
                             capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
     assert result.returncode == 2
     assert "algo.gamma: 0.02 -> 0.5" in result.stderr
@@ -197,7 +198,7 @@ def test_damaged_newest_checkpoint_is_named_and_metrics_are_kept(straight_run, t
     shard = next((run / "checkpoints" / "step-000006" / "deepspeed").rglob("*.pt"))
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated, as by a disk failure
     before = (run / "metrics.jsonl").read_text()
-    line = _fails(_cmd(run, "trainer.steps=6", "trainer.save_every=3", resume=True))
+    line = _fails(_cmd(run, "trainer.steps=7", "trainer.save_every=3", resume=True))  # a finished run is not resumed
     assert str(shard) in line and f"--resume {run / 'checkpoints' / 'step-000003'}" in line
     assert (run / "metrics.jsonl").read_text() == before  # nothing logged was deleted
 
@@ -206,7 +207,7 @@ def test_truncated_trainer_state_is_named(straight_run, tmp_path):
     run = _copy_run(straight_run, tmp_path / "run")
     state = run / "checkpoints" / "step-000006" / "trainer_state.json"
     state.write_text(state.read_text()[:50])
-    line = _fails(_cmd(run, "trainer.steps=6", "trainer.save_every=3", resume=True))
+    line = _fails(_cmd(run, "trainer.steps=7", "trainer.save_every=3", resume=True))
     assert str(state) in line and "step-000003" in line
 
 
@@ -220,6 +221,9 @@ def test_resume_accepts_a_moved_run_spelled_differently(straight_run, tmp_path):
     assert "resumed from" in result.stdout and "step 6" in result.stdout
     rows = _metrics(moved)
     assert [r["step"] for r in rows] == list(range(7)) and rows[:6] == _metrics(straight_run)
+    # the warm-up ran in the first start only: its loss is carried into the continued run's summary
+    before = json.loads((straight_run / "summary.json").read_text())["warmup_final_loss"]
+    assert json.loads((moved / "summary.json").read_text())["warmup_final_loss"] == before
 
 
 def test_run_that_stopped_before_its_first_checkpoint_restarts_with_resume(tmp_path):
@@ -250,3 +254,49 @@ def test_nan_reward_names_the_reward_function(tmp_path):
     line = _fails(_cmd(tmp_path, "trainer.steps=2", "warmup.steps=0",
                        "reward.function=tests.multiproc.nan_reward.nan_reward"))
     assert "tests.multiproc.nan_reward.nan_reward" in line and "reward=nan" in line and "optim.lr" not in line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# issue 43: an update that makes the weights non-finite, weights that already are, a finished run resumed
+
+
+def _main(capsys, *args):
+    """`papo` in this process: (exit code, its `papo:` lines on stderr)."""
+    from papo_engine.cli import main
+    code = main(list(args))
+    return code, _papo_lines(capsys.readouterr().err)
+
+
+def test_an_update_that_makes_the_weights_nonfinite_stops_unsaved(tmp_path, capsys):
+    """optim.lr=1e39 is a finite number, but Adam's first step moves every weight by ~lr: past float32's range
+    (DeepSpeed's CPU Adam, used with the optimizer offloaded, computes it without complaint). Loss and gradients of
+    step 0 are finite, so only the check after the step sees it: the run stops there with exit 1, and neither a
+    checkpoint nor checkpoint-final holds the NaN weights (before: exit 0 and a NaN checkpoint-final)."""
+    code, lines = _main(capsys, "train", f"trainer.output_dir={tmp_path}", *SMALL, "logging.wandb=false",
+                        "warmup.steps=0", "optim.lr=1e39", "deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true",
+                        "trainer.steps=2", "trainer.save_every=1")
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("papo: stopped: step 0: the optimizer step made ")
+    assert ("parameter values NaN or inf (lr 1e+39; loss and gradients finite); they were not saved, no checkpoint "
+            "was completed yet; lower optim.lr" in lines[0])
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "checkpoint-final").exists()
+
+
+def test_weights_that_are_already_nonfinite_are_refused_at_the_start(tmp_path, capsys):
+    """A warm-up at lr 1e30 leaves NaN weights (its second step's loss overflows); so would an earlier run's NaN
+    checkpoint given as model.path or --resume: refused before the first step, nothing trained or saved."""
+    code, lines = _main(capsys, "train", f"trainer.output_dir={tmp_path}", *SMALL, "logging.wandb=false",
+                        "warmup.steps=3", "warmup.lr=1e30")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("papo: error: after the warm-up (warmup.lr=1e+30): ")
+    assert lines[0].endswith("parameter values are NaN or inf; training cannot start from them")
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_resume_of_a_finished_run_is_refused(straight_run, capsys):
+    before = {p: p.read_bytes() for p in (straight_run / "summary.json", straight_run / "metrics.jsonl")}
+    code, lines = _main(capsys, *_cmd(straight_run, "trainer.steps=6", "trainer.save_every=3", resume=True)[3:])
+    assert code == 2 and lines == [f"papo: error: --resume: trainer.output_dir={str(straight_run)!r} holds a finished "
+                                   f"run (all 6 steps, summary.json): nothing to resume; raise trainer.steps to "
+                                   f"train on, or start another trainer.output_dir"]
+    assert all(p.read_bytes() == content for p, content in before.items())

@@ -55,3 +55,39 @@ def test_load_reward_fn():
     assert load_reward_fn("papo_engine.rewards.accuracy_format_reward") is accuracy_format_reward
     with pytest.raises(ConfigError, match="reward.function='no.such.fn'"):
         load_reward_fn("no.such.fn")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# issue 43, item 6: a reward function that breaks the interface is one line naming it, before the warm-up
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("returns_a_float", "returned 1.0 (answer 'red', response '<think>"),
+    ("returns_no_reward", "returned {'accuracy': 1.0} (answer 'red'"),
+    ("returns_a_word", "returned verdict='right' (answer 'red'"),
+    ("raises", "raised ZeroDivisionError: float division by zero (at "),
+])
+def test_a_broken_reward_function_is_one_line(name, needle):
+    from papo_engine.config import Config
+    from papo_engine.rewards import RewardRole
+    cfg = Config()
+    cfg.reward.function = f"tests.multiproc.bad_rewards.{name}"
+    with pytest.raises(ConfigError) as err:
+        RewardRole(cfg).check("red")
+    message = str(err.value)
+    assert message.startswith(f"reward.function='tests.multiproc.bad_rewards.{name}' ") and needle in message
+    assert "\n" not in message
+    if name == "raises":
+        assert "bad_rewards.py:" in message  # where the user's code failed
+
+
+@pytest.mark.slow  # builds the trainer in this process (~5 s)
+def test_train_refuses_a_broken_reward_function_before_the_warm_up(tmp_path, capsys):
+    from papo_engine.cli import main
+    code = main(["train", f"trainer.output_dir={tmp_path}", "logging.wandb=false", "warmup.steps=2",
+                 "reward.function=tests.multiproc.bad_rewards.returns_a_float"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("papo:")]
+    assert code == 2 and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("papo: error: reward.function='tests.multiproc.bad_rewards.returns_a_float' returned")
+    assert "warm-up" not in err and not (tmp_path / "metrics.jsonl").exists()

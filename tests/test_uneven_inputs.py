@@ -14,6 +14,7 @@ from PIL import Image
 
 from papo_engine.distributed import free_port
 from tests.test_resume import ROOT, _papo_lines
+from tests.two_ranks import run_two_ranks
 
 RUN = ["logging.wandb=false", "logging.plot=false", "data.eval_size=4", "trainer.eval_samples=2",
        "rollout.max_new_tokens=4", "warmup.steps=0", "trainer.steps=2", "trainer.save_every=0",
@@ -68,3 +69,12 @@ def test_nonfinite_reward_on_one_rank_stops_both_together(tmp_path):
     assert len(lines) == 1, result.stderr[-3000:]
     assert lines[0].startswith("papo: error: rank 1 of 2: reward.function='tests.multiproc.rank1_nan_reward.")
     assert "reward=nan" in lines[0]
+
+
+@pytest.mark.slow
+def test_nonfinite_reward_on_one_rank_in_the_held_out_evaluation_stops_both(tmp_path):
+    """The held-out evaluation's scoring (issue 43): both ranks raise the same one line (before: rank 1 raised
+    alone and rank 0 waited in its next collective)."""
+    errors = run_two_ranks("held_out_nan_reward.py", tmp_path, timeout=300)["errors"]
+    assert errors[0] == errors[1] and errors[0].startswith("rank 1 of 2: reward.function='papo_engine.rewards."
+                                                           "accuracy_format_reward' returned reward=nan"), errors

@@ -7,6 +7,7 @@ from typing import Iterable, Protocol
 import torch
 
 from ..models import PromptBatch
+from .lengths import LengthProfile
 
 
 @dataclass
@@ -17,6 +18,7 @@ class SamplingParams:
     max_new_tokens: int
     seed: int | None = None  # with per-prompt keys: draws depend only on (seed, key, k), not on batch or rank
     min_new_tokens: int = 0  # eos is not sampled before this many tokens (benchmarks: responses of equal length)
+    length_profile: LengthProfile | None = None  # benchmarks: each response's length set by its key (lengths.py)
 
 
 @dataclass
@@ -26,6 +28,7 @@ class RolloutOutput:
     response_mask: torch.Tensor   # [B*n, R] float, 1 up to and including the eos token
     texts: list[str]              # decoded responses, special tokens removed
     logprobs: torch.Tensor | None = None  # [B*n, R] the engine's sampled-token log-probs (vLLM, native), 0 after the end
+    row_steps: int | None = None  # decode row-steps computed (native, HF); tokens / row_steps = row utilization
 
 
 def response_keys(prompt_keys: list[int], n: int) -> torch.Tensor:
@@ -38,6 +41,15 @@ class RolloutBackend(Protocol):
                  prompt_keys: list[int] | None = None) -> RolloutOutput: ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+
+def imposed_lengths(sampling: SamplingParams, prompt_keys: list[int] | None) -> torch.Tensor | None:
+    """Each response's length under `sampling.length_profile` [len(prompt_keys)·n], from its key; None without one."""
+    if sampling.length_profile is None:
+        return None
+    if prompt_keys is None:
+        raise ValueError("SamplingParams.length_profile sets lengths by response key: pass prompt_keys")
+    return sampling.length_profile.lengths(response_keys(prompt_keys, sampling.n)).clamp(max=sampling.max_new_tokens)
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:

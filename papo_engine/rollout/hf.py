@@ -13,7 +13,8 @@ import torch
 from ..batching import repeat_prompts, select_prompts
 from ..models import PromptBatch, mm_token_type_ids
 from ..prompts import vision_token_ids
-from .base import RolloutOutput, SamplingParams, response_keys, response_mask_from_ids
+from .base import RolloutOutput, SamplingParams, imposed_lengths, response_keys, response_mask_from_ids
+from .lengths import ImposedLengths
 from .sampling import KeyedSampler
 
 
@@ -27,20 +28,22 @@ class HFRollout:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to copy: generation runs on the training module itself."""
 
-    @staticmethod
-    def _sampling_kwargs(sampling: SamplingParams, keys: torch.Tensor | None, prompt_width: int) -> dict:
+    def _sampling_kwargs(self, sampling: SamplingParams, keys: torch.Tensor | None, prompt_width: int,
+                         lengths: torch.Tensor | None) -> dict:
         # repetition_penalty=1: a checkpoint's generation_config (Qwen2.5-VL ships 1.05) would otherwise bend the
         # sampling distribution away from the policy whose log-probs the loss uses
         common = {"repetition_penalty": 1.0}
         if sampling.min_new_tokens:
             common["min_new_tokens"] = sampling.min_new_tokens
+        # imposed lengths (benchmarks) edit the scores before any sampler
+        processors = [] if lengths is None else [ImposedLengths(lengths, self.tokenizer.eos_token_id, prompt_width)]
         if sampling.temperature == 0:  # greedy (evaluation)
-            return {"do_sample": False, **common}
+            return {"do_sample": False, "logits_processor": processors, **common}
         if keys is not None:
             sampler = KeyedSampler(keys, sampling.seed, sampling.temperature, sampling.top_p, prompt_width)
-            return {"do_sample": False, "logits_processor": [sampler], **common}
+            return {"do_sample": False, "logits_processor": [*processors, sampler], **common}
         return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0,
-                **common}
+                "logits_processor": processors, **common}
 
     @torch.no_grad()
     def generate(self, prompts: PromptBatch, sampling: SamplingParams,
@@ -48,6 +51,7 @@ class HFRollout:
         """n responses per prompt. Keyed sampling when `sampling.seed` is set and `prompt_keys` given."""
         num_prompts = len(prompts.images_per_prompt)
         per_call = max(1, self.batch_size // sampling.n)  # whole prompts per generate call
+        lengths = imposed_lengths(sampling, prompt_keys)
         pieces = []
         was_training = self.model.training
         self.model.eval()
@@ -64,7 +68,8 @@ class HFRollout:
                     input_ids=chunk.input_ids, attention_mask=chunk.attention_mask,
                     pixel_values=chunk.pixel_values.to(self.model.dtype), image_grid_thw=chunk.image_grid_thw,
                     mm_token_type_ids=mm_token_type_ids(chunk.input_ids, self.model.config.image_token_id),
-                    **self._sampling_kwargs(sampling, keys, chunk.input_ids.shape[1]),
+                    **self._sampling_kwargs(sampling, keys, chunk.input_ids.shape[1], None if lengths is None else
+                                            lengths[start * sampling.n:(index[-1] + 1) * sampling.n]),
                     max_new_tokens=sampling.max_new_tokens, synced_gpus=self.synced_gpus,
                     suppress_tokens=self.suppress,
                     pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
@@ -76,4 +81,5 @@ class HFRollout:
         response_ids = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in pieces])
         mask = response_mask_from_ids(response_ids, self.tokenizer.eos_token_id)
         texts = self.tokenizer.batch_decode(response_ids.masked_fill(mask == 0, pad), skip_special_tokens=True)
-        return RolloutOutput(response_ids, mask, texts)
+        # generate computes every row of a call until its last one ends
+        return RolloutOutput(response_ids, mask, texts, row_steps=sum(p.shape[0] * p.shape[1] for p in pieces))

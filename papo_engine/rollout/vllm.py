@@ -52,7 +52,7 @@ from ..batching import select_prompts
 from ..config import Config, ConfigError
 from ..models import PromptBatch
 from ..prompts import vision_token_ids
-from .base import RolloutOutput, SamplingParams, response_mask_from_ids
+from .base import RolloutOutput, SamplingParams, imposed_lengths, response_mask_from_ids
 
 WORKER_EXTENSION = f"{__name__}.PAPOWorkerExtension"
 LOAD_METHOD = "papo_load_weights"
@@ -281,13 +281,15 @@ class VLLMRollout:
             lengths.append((len(ids), len(collapsed)))
         return requests, lengths
 
-    def _sampling_params(self, sampling: SamplingParams, seed: int | None = None):
+    def _sampling_params(self, sampling: SamplingParams, seed: int | None = None, length: int | None = None):
+        """`length`: one response of exactly that many tokens (an imposed length), instead of n."""
         greedy = sampling.temperature == 0
         return self.vllm.SamplingParams(
-            n=1 if greedy else sampling.n,  # vLLM: greedy needs n = 1; `generate` copies the response n times
+            n=1 if greedy or length is not None else sampling.n,  # greedy needs n = 1: `generate` copies it n times
             temperature=0.0 if greedy else sampling.temperature,
             top_p=1.0 if greedy else sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
+            max_tokens=length or sampling.max_new_tokens,
+            min_tokens=length or sampling.min_new_tokens,
             seed=None if greedy else seed,
             stop_token_ids=[self.tokenizer.eos_token_id],
             logit_bias={t: SUPPRESS_BIAS for t in self.suppress},  # a sampled <|image_pad|> has no features
@@ -310,12 +312,25 @@ class VLLMRollout:
         return [self._sampling_params(sampling, (base + key * sampling.n) % KEYED_SEED_RANGE)
                 for key in prompt_keys]
 
+    def _row_params(self, sampling: SamplingParams, prompt_keys: list[int], lengths: torch.Tensor) -> list:
+        """Imposed lengths: one request per response (n = 1) with its length, seeded as child k of the prompt's
+        keyed request would be (base + key·n + k)."""
+        base = (sampling.seed or 0) * 1_000_003 % KEYED_SEED_RANGE
+        return [self._sampling_params(sampling, None if sampling.seed is None else
+                                      (base + key * sampling.n + k) % KEYED_SEED_RANGE, int(lengths[i * sampling.n + k]))
+                for i, key in enumerate(prompt_keys) for k in range(sampling.n)]
+
     @torch.no_grad()
     def generate(self, prompts: PromptBatch, sampling: SamplingParams,
                  prompt_keys: list[int] | None = None) -> RolloutOutput:
         """n responses per prompt, prompt-major; keyed sampling when `sampling.seed` and `prompt_keys` are set."""
         requests, lengths = self._requests(prompts)
-        params = self._request_params(sampling, prompt_keys, len(requests))
+        imposed = imposed_lengths(sampling, prompt_keys)
+        if imposed is None:
+            params = self._request_params(sampling, prompt_keys, len(requests))
+        else:  # a benchmark's imposed lengths: a request per response, prompt-major
+            params = self._row_params(sampling, prompt_keys, imposed)
+            requests = [r for r in requests for _ in range(sampling.n)]
         self._wake()
         try:
             outputs = self.llm.generate(requests, params, use_tqdm=False)
@@ -323,16 +338,18 @@ class VLLMRollout:
             self._clear_caches()
             if self.sleep_mode:
                 self._sleep()
+        per_prompt = len(outputs) // len(lengths)  # requests per prompt: 1, or n with imposed lengths
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         rows = []
-        for g, (req, expected) in enumerate(zip(outputs, lengths)):
-            seen = getattr(req, "prompt_token_ids", None)  # the engine's processed (expanded) prompt
+        for g, expected in enumerate(lengths):
+            mine = outputs[g * per_prompt:(g + 1) * per_prompt]
+            seen = getattr(mine[0], "prompt_token_ids", None)  # the engine's processed (expanded) prompt
             if seen is not None and len(seen) not in expected:
                 raise RuntimeError(
                     f"prompt {g}: vLLM expanded it to {len(seen)} tokens, the trainer's prompt has {expected[0]}: the "
                     f"engine's image processor sizes the images differently (check min/max_pixels and the "
                     f"checkpoint's preprocessor_config.json)")
-            completions = sorted(req.outputs, key=lambda c: c.index)
+            completions = [c for req in mine for c in sorted(req.outputs, key=lambda c: c.index)]
             if sampling.temperature == 0 and len(completions) == 1:
                 completions = completions * sampling.n  # greedy is deterministic: n identical responses
             if len(completions) != sampling.n:
