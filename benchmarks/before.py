@@ -46,8 +46,10 @@ class Before:
 
     def __init__(self, ref: str = BEFORE_REF):
         self.root = unpacked(ref)
+        # its own process group: the launcher variables of this process (its bound port) are not inherited
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
         self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(self.root)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+                                     stdout=subprocess.PIPE, text=True, cwd=str(ROOT), env=env)
 
     def ask(self, command: dict) -> dict:
         self.proc.stdin.write(json.dumps(command) + "\n")

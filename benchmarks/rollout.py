@@ -108,9 +108,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=list(SHAPES), default="tiny",
                         help="benchmarks/shapes.py; a paper-mini shape sets --prompts, --n, --max-new-tokens and "
                              "imposes each response's length")
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--n", type=int, default=8, help="samples per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--prompts", type=int, help="default 16, or the shape's")
+    parser.add_argument("--n", type=int, help="samples per prompt; default 8, or the shape's")
+    parser.add_argument("--max-new-tokens", type=int, help="default 16, or the shape's cap")
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds per backend (the first is dropped)")
     parser.add_argument("--eager", action="store_true", help="vLLM without torch.compile (faster start, slower run)")
     parser.add_argument("--kv-cache-mb", type=int, default=256)
@@ -123,8 +123,9 @@ def main() -> None:
     if "hf" not in args.backends:
         parser.error("--backends must include hf (the ratios are to HF generate)")
     shape = SHAPES[args.shape]
-    if shape.prompts is not None:
-        args.prompts, args.n, args.max_new_tokens = shape.prompts, shape.n, shape.lengths["cap"]
+    args.prompts = args.prompts or shape.prompts or 16
+    args.n = args.n or shape.n or 8
+    args.max_new_tokens = args.max_new_tokens or shape.lengths.get("cap", 16)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     import torch
     from papo_engine.distributed import prepare_environment

@@ -11,8 +11,10 @@ temperature, learning rate and PAPO weights (SETTINGS), β = 0, one optimizer st
 
 Equal work: both sides generate exactly `--tokens` tokens per response — `min_new_tokens` = max_new_tokens
 (TRL: `generation_kwargs`; ours: `SamplingParams.min_new_tokens`, which every backend honours), so EOS cannot end
-a response early; both also suppress the vision tokens (ours always does; a
-sampled <|image_pad|> would break TRL's forward). The run JSON records the measured completion tokens per step.
+a response early; at a paper-mini shape, each response's length imposed by its key instead (rollout/lengths.py:
+ours through `SamplingParams.length_profile`, TRL's `generate` through the same logits processor, `impose_lengths`);
+both also suppress the vision tokens (ours always does; a sampled <|image_pad|> would break TRL's forward). The run
+JSON records the measured and the expected completion tokens per step.
 
 Step time: wall seconds between consecutive step ends (TRL: a callback's `on_step_end`; ours: around
 `PAPOTrainer.train_step`), so both include their data loading and per-step logging. Peak RSS: ru_maxrss.
@@ -132,19 +134,36 @@ def make_processor(tokenizer, cfg):
                                chat_template=CHAT_TEMPLATE)
 
 
-# model shapes of the shared checkpoint: the tiny default, and a larger tiny one (so a ratio is not one model's)
-SHAPES = {"tiny": [], "tiny-h128-l4": ["model.hidden_size=128", "model.num_layers=4", "model.num_heads=4",
-                                       "model.num_kv_heads=4", "model.intermediate_size=384"],
-          "tiny-vocab152k": ["model.architecture=tiny-vocab152k"]}  # the tiny body, Qwen's 151,936-token vocabulary
+# model shapes of the shared checkpoint (benchmarks/shapes.py): the tiny default, a larger tiny one (so a ratio is
+# not one model's), the real vocabulary, and the paper-mini shapes (a real run's proportions, imposed lengths)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from shapes import SHAPES  # noqa: E402
 
 
 def build_checkpoint(model_dir: str, shape: str) -> None:
     from papo_engine.config import load_config
     from papo_engine.models import load_policy, load_tokenizer
-    cfg = load_config(None, SHAPES[shape])
+    cfg = load_config(None, SHAPES[shape].overrides)
     tokenizer = load_tokenizer(cfg.model)
     load_policy(cfg.model, tokenizer, seed=SETTINGS["seed"]).save_pretrained(model_dir)
     make_processor(tokenizer, cfg).save_pretrained(model_dir)
+
+
+def data_overrides(shape: str) -> list[str]:
+    """The shape's settings other than the model's (the checkpoint is the model): e.g. paper-mini's image size."""
+    return [o for o in SHAPES[shape].overrides if not o.startswith("model.")]
+
+
+def expected_tokens(args) -> list[int]:
+    """Completion tokens each step must generate: every response at --tokens, or the shape's imposed lengths of that
+    step's responses (keys step·rows + row: one rank, prompts taken in order)."""
+    import torch
+    rows = args.prompts * args.n
+    profile = SHAPES[args.shape].length_profile()
+    if profile is None:
+        return [rows * args.tokens] * args.steps
+    return [int(profile.lengths(torch.arange(s * rows, (s + 1) * rows)).clamp(max=args.tokens).sum())
+            for s in range(args.steps)]
 
 
 def step_samples(cfg, prompts: int, steps: int) -> list:
@@ -181,9 +200,13 @@ def run_ours(args, out_dir: str) -> list[dict]:
     from papo_engine.config import load_config
     from papo_engine.rollout.hf import HFRollout
     from papo_engine.trainer import PAPOTrainer
-    cfg = load_config(None, [*ours_overrides(args), f"trainer.output_dir={out_dir}/run", *args.ours])
+    cfg = load_config(None, [*ours_overrides(args), *data_overrides(args.shape), f"trainer.output_dir={out_dir}/run",
+                             *args.ours])
     trainer = PAPOTrainer(cfg)
-    trainer.sampling.min_new_tokens = args.tokens  # fixed-length responses (eos held back, both backends)
+    if SHAPES[args.shape].lengths:  # each response's length imposed by its key (rollout/lengths.py)
+        trainer.sampling.length_profile = SHAPES[args.shape].length_profile()
+    else:  # fixed-length responses (eos held back, both backends)
+        trainer.sampling.min_new_tokens = args.tokens
     clock = PhaseClock()
     clock.wrap(trainer, "encode", "encode")
     clock.wrap(trainer, "reward", "rewards")
@@ -230,7 +253,7 @@ def trl_config(args, out_dir: str):
         gradient_checkpointing=args.mode == "trl_papo_gc", bf16=False, fp16=False, use_cpu=True, seed=s["seed"],
         adam_beta2=0.99, weight_decay=0.0, max_grad_norm=1.0, report_to="none", logging_steps=1,
         save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
-        generation_kwargs={"min_new_tokens": args.tokens,
+        generation_kwargs={**({} if SHAPES[args.shape].lengths else {"min_new_tokens": args.tokens}),
                            "suppress_tokens": tokenizer.convert_tokens_to_ids(VISION_TOKENS)})
     if args.mode.startswith("trl_grpo"):
         return GRPOConfig(**common)
@@ -249,7 +272,8 @@ def run_trl(args, out_dir: str) -> list[dict]:
     from papo_engine.prompts import FORMAT_INSTRUCTION, SYSTEM_PROMPT
     from papo_engine.rewards import accuracy_format_reward
 
-    samples = step_samples(Config(), args.prompts, args.steps)
+    from papo_engine.config import load_config
+    samples = step_samples(load_config(None, data_overrides(args.shape)), args.prompts, args.steps)
     data = Dataset.from_dict({
         "prompt": [[{"role": "system", "content": SYSTEM_PROMPT},
                     {"role": "user", "content": f"{x.question} {FORMAT_INSTRUCTION}"}] for x in samples],
@@ -305,6 +329,8 @@ def run_trl(args, out_dir: str) -> list[dict]:
         owner = model if attr == "generate" else trainer.accelerator if attr == "backward" else trainer
         phases.wrap(owner, attr, name, when=conditions[when])
     trainer._generate_and_score_completions = scored(trainer._generate_and_score_completions)
+    if SHAPES[args.shape].lengths:
+        impose_lengths(model, args, trainer.processing_class.tokenizer.eos_token_id)
     trainer.train()
     if len(clock.lengths) != args.steps:
         raise RuntimeError(f"TRL logged {len(clock.lengths)} steps' completion lengths, expected {args.steps}")
@@ -324,6 +350,27 @@ def run_trl(args, out_dir: str) -> list[dict]:
     return steps
 
 
+def impose_lengths(model, args, eos: int) -> None:
+    """TRL's generate ends each response at the shape's imposed length, as ours does: the same rule
+    (rollout/lengths.ImposedLengths) on the same keys (generate call s holds step s's rows, prompt-major)."""
+    import torch
+    from transformers import LogitsProcessorList
+    from papo_engine.rollout.lengths import ImposedLengths
+
+    profile, rows, generate, calls = SHAPES[args.shape].length_profile(), args.prompts * args.n, model.generate, [0]
+
+    @functools.wraps(generate)
+    def with_lengths(*a, **k):
+        if len(k["input_ids"]) != rows:
+            raise RuntimeError(f"TRL generated {len(k['input_ids'])} rows in one call, expected {rows}")
+        keys = torch.arange(calls[0] * rows, (calls[0] + 1) * rows)
+        calls[0] += 1
+        lengths = profile.lengths(keys).clamp(max=args.tokens)
+        return generate(*a, **k, logits_processor=LogitsProcessorList(
+            [ImposedLengths(lengths, eos, k["input_ids"].shape[1])]))
+    model.generate = with_lengths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build-checkpoint", metavar="DIR", help="save the shared checkpoint to DIR and exit")
@@ -334,7 +381,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", help="the run's JSON")
-    parser.add_argument("--shape", choices=list(SHAPES), default="tiny", help="with --build-checkpoint")
+    parser.add_argument("--shape", choices=list(SHAPES), default="tiny",
+                        help="the checkpoint's shape (--build-checkpoint), and a run's data settings and lengths")
     parser.add_argument("--ours", nargs="*", default=[], help="extra overrides for our modes (e.g. rollout.backend=hf)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -346,6 +394,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out_dir:
         steps = (run_ours if args.mode.startswith("ours_") else run_trl)(args, out_dir)
     import torch
+    for step, expected in zip(steps, expected_tokens(args)):
+        step["expected_completion_tokens"] = expected
     report = {"mode": args.mode, "prompts": args.prompts, "n": args.n, "tokens": args.tokens, "steps": steps,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "torch": torch.__version__, "threads": torch.get_num_threads(),

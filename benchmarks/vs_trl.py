@@ -120,14 +120,16 @@ def measure(args, model_dirs: dict[str, str], work: Path) -> list[dict]:
             for mode in order:
                 out = work / f"{name}_{repeat}_{mode}.json"
                 argv = ["--mode", mode, "--model-dir", model_dirs[shape], "--prompts", str(prompts), "--n", str(n),
-                        "--tokens", str(tokens), "--steps", str(args.steps), "--out", str(out)]
+                        "--tokens", str(tokens), "--steps", str(args.steps), "--shape", shape, "--out", str(out)]
                 wall = call(args.python, argv, mode, f"{mode} at {name}")
                 run = json.loads(out.read_text())
                 run.update(config=name, repeat=repeat, wall_s=wall)
                 kept = run["steps"][args.drop:]
                 run["step_s"] = statistics.median(s["seconds"] for s in kept)
                 run["tokens_per_s"] = statistics.median(s["completion_tokens"] / s["seconds"] for s in kept)
-                run["fixed_length"] = all(s["completion_tokens"] == prompts * n * tokens for s in run["steps"])
+                # every response at its length: --tokens, or the shape's imposed lengths (both sides the same)
+                run["fixed_length"] = all(abs(s["completion_tokens"] - s["expected_completion_tokens"]) < 0.5
+                                          for s in run["steps"])
                 runs.append(run)
                 print(f"[{run['config']} repeat {repeat + 1}/{args.repeats}] {mode:<19} step {run['step_s']:.3f} s  "
                       f"{run['tokens_per_s']:7.0f} tok/s  peak RSS {run['peak_rss_mb']:.0f} MB  "
@@ -177,7 +179,8 @@ def summarize(runs: list[dict], args) -> dict:
             ratios["peak_rss_ours_papo_vs_trl_papo_best"] = {"denominator": best_papo, **spread(
                 [a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in zip(by_mode["ours_papo"], by_mode[best_papo])])}
         configs[name] = {"prompts": prompts, "rollouts": n, "tokens": tokens, "shape": shape,
-                         "shape_overrides": SHAPES[shape], "modes": modes, "trl_best": best, "ratios": ratios}
+                         "shape_overrides": SHAPES[shape].overrides, "imposed_lengths": SHAPES[shape].lengths or None,
+                         "modes": modes, "trl_best": best, "ratios": ratios}
     tiny = [name for name, c in configs.items() if c["shape"] == "tiny"]
     headline_config = tiny[-1] if tiny else list(configs)[-1]
     headline = configs[headline_config]["ratios"].get("ours_papo_vs_trl_papo_best")
@@ -192,7 +195,8 @@ def summarize(runs: list[dict], args) -> dict:
     for name, c in configs.items():
         if c["shape"] == "tiny":
             continue
-        label = "real_vocab" if c["shape"] == "tiny-vocab152k" else c["shape"]
+        label = {"tiny-vocab152k": "real_vocab"}.get(c["shape"], c["shape"])
+        label = label.replace("-", "_") if c["imposed_lengths"] else label  # paper_mini, paper_mini_vocab152k
         for key, ratio in (("throughput_ratio_vs_trl", "ours_papo_vs_trl_papo_best"),
                            ("peak_rss_ratio_vs_trl", "peak_rss_ours_papo_vs_trl_papo_best")):
             if ratio in c["ratios"]:
@@ -235,7 +239,7 @@ def table(report: dict) -> str:
     for name, c in report["configurations"].items():
         lines += [f"## {c['prompts']} prompt(s) × {c['rollouts']} rollouts × {c['tokens']} tokens, model {c['shape']} "
                   f"{' '.join(c['shape_overrides'])}", "",
-                  "| mode | step (s) | completion tok/s | peak RSS (MB) | fixed length |", "|---|---|---|---|---|"]
+                  "| mode | step (s) | completion tok/s | peak RSS (MB) | lengths as set |", "|---|---|---|---|---|"]
         for mode, m in c["modes"].items():
             lines.append(f"| {mode} | {fmt(m['step_s'], 3)} | {fmt(m['completion_tokens_per_s'])} | "
                          f"{fmt(m['peak_rss_mb'])} | {'yes' if m['fixed_length'] else 'NO'} |")
@@ -349,7 +353,8 @@ def main() -> int:
     report = summarize(runs, args)
     report["meta"] = {"device": device_name(), "platform": platform.platform(), "versions": versions(args.python),
                       "settings": SETTINGS, "repeats": args.repeats, "steps": args.steps, "drop": args.drop,
-                      "modes": args.modes, "shape_modes": args.shape_modes, "shapes": SHAPES,
+                      "modes": args.modes, "shape_modes": args.shape_modes,
+                      "shapes": {name: SHAPES[name].overrides for name in sorted({c[3] for c in args.configs})},
                       "malloc_env": MALLOC_ENV, "wall_s": time.time() - started,
                       "threads": runs[0]["threads"]}
     report["runs"] = [{k: r[k] for k in ("config", "repeat", "mode", "step_s", "tokens_per_s", "peak_rss_mb",

@@ -32,10 +32,33 @@ def test_throughput_at_the_real_vocabulary(tmp_path):
         "trainer.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=4")
     [path] = tmp_path.glob("throughput_*_tiny-vocab152k.json")
     report = json.loads(path.read_text())
-    assert report["overrides"][0] == "model.architecture=tiny-vocab152k"
+    assert report["shape_overrides"][0] == "model.architecture=tiny-vocab152k"
     assert set(report["summary"]) == {"papo_official_over_grpo_step_time", "papo_over_grpo_step_time",
-                                      "papo_official_over_grpo_training_side", "papo_over_grpo_training_side"}
+                                      "papo_official_over_grpo_training_side", "papo_over_grpo_training_side",
+                                      "padding_fraction", "row_utilization"}
     assert len(report["per_step_ratios"]["papo"]) == 1
+
+
+# paper-mini's long-tailed lengths on a smaller model: every path of its runs, the code before the length-aware
+# round included (benchmarks/before.py: a worker on that commit's files)
+SMALL_PAPER = ["model.hidden_size=64", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+               "model.intermediate_size=64", "data.image_size=56"]
+
+
+def test_paper_mini_throughput_and_rollout_beside_the_code_before(tmp_path):
+    run("throughput.py", "--shape", "paper-mini", "--steps", "2", "--repeats", "1", "--output", str(tmp_path),
+        *SMALL_PAPER, "trainer.prompts_per_step=2", "rollout.max_new_tokens=12")
+    [path] = tmp_path.glob("throughput_*_paper-mini.json")
+    report = json.loads(path.read_text())
+    assert report["imposed_lengths"]["median"] == 64 and "papo_before" in report["modes"]
+    assert report["summary"]["speedup_over_before"] > 0 and 0 <= report["summary"]["padding_fraction"] < 1
+    run("rollout.py", "--shape", "paper-mini", "--backends", "native", "native_before", "hf", "--prompts", "2",
+        "--max-new-tokens", "100", "--rounds", "2", "--output", str(tmp_path), *SMALL_PAPER)
+    report = json.loads(next(tmp_path.glob("rollout_*_paper-mini.json")).read_text())
+    lengths = report["imposed_lengths"]["per_response"]
+    assert len(lengths) == 10 and max(lengths) <= 100 and len(set(lengths)) > 2  # uneven, at most the cap
+    assert report["summary"]["native_tokens_identical_to_hf"] and report["summary"]["native_before_tokens_identical_to_hf"]
+    assert all(run["tokens"] == sum(lengths) for runs in report["runs"].values() for run in runs)
 
 
 def test_memory_scaling_ours_fused_and_eager(tmp_path):
