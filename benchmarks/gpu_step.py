@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from bench_device import device_name  # benchmarks/ is on sys.path: these run as scripts
-from throughput import COMMON, MODES, PHASES
+from throughput import ALGORITHMS, COMMON, MODES, PHASES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # n = 5, ~448 x 448 images (256 image tokens), 256 response tokens, as in the issue
@@ -95,7 +95,7 @@ def mode_trainers(shape: str, overrides: list[str], out_root: str) -> dict:
 
     base = PAPOTrainer(config("papo"))
     trainers = {}
-    for mode in MODES:
+    for mode in ALGORITHMS:
         view = copy.copy(base)
         view.cfg, view.history = config(mode), []
         view.derive_algorithm()

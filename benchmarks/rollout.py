@@ -70,7 +70,11 @@ def build(args, model_dir: str):
         cfg.model.path, cfg.rollout.backend = model_dir, "vllm"
         cfg.rollout.enforce_eager = args.eager
         cfg.rollout.kv_cache_mb = args.kv_cache_mb
-        backends["vllm"] = lambda: VLLMRollout(cfg, tokenizer)  # the engine loads the same checkpoint: no push
+        # the engine loads the same checkpoint: no push. Imposed lengths send one request per response; the
+        # processor cache (emptied after every generate) lets a prompt's n requests share one image processing, as
+        # one request with n samples does
+        engine = {"mm_processor_cache_gb": 1} if SHAPES[args.shape].lengths else None
+        backends["vllm"] = lambda: VLLMRollout(cfg, tokenizer, engine_kwargs=engine)
     return cfg, prompts, {name: backends[name]() for name in args.backends}
 
 

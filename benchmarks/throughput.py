@@ -23,6 +23,7 @@ rollout/row_utilization (medians) are in the JSON where the code logs them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -41,7 +42,10 @@ MODES = {
     "grpo": ["algo.gamma=0", "algo.eta_orig=0", "algo.eta_mask=0"],
     "papo_official": official_overrides(),  # the authors' computation, raw-image masking included
     "papo": [],
+    # PAPO with the training side's micro-batches of before the length-aware round (padded to the step's longest)
+    "papo_fixed_micro_batches": ["trainer.micro_batch_tokens=0"],
 }
+ALGORITHMS = ["grpo", "papo_official", "papo"]  # the modes the ratios to GRPO compare (the default --modes)
 PHASES = ["rollout", "weight_sync", "advantages", "old_logprobs", "update"]
 LAYOUT = ["update/padding_fraction", "rollout/row_utilization"]  # how much of the work was real tokens
 # measurement runs only: no warm-start, evaluation, checkpoints or logging services
@@ -49,19 +53,19 @@ COMMON = ["warmup.steps=0", "trainer.eval_samples=1", "trainer.save_every=0", "t
           "logging.wandb=false", "logging.plot=false"]
 
 
-def build_trainers(out_root: str, steps: int, shape: str, overrides: list[str], before: bool) -> dict:
-    """{mode: trainer}; with `before`, "papo_before" is a worker (before.Before) that takes steps when asked."""
+def build_trainers(out_root: str, steps: int, spec, overrides: list[str], modes: list[str], before: bool) -> dict:
+    """{mode: trainer} for the shape `spec`; with `before`, "papo_before" is a worker (before.Before) that takes
+    steps when asked."""
     from papo_engine.config import load_config
     from papo_engine.trainer import PAPOTrainer
-    spec = SHAPES[shape]
     shape_overrides = spec.run_overrides()
     if spec.lengths or before:  # one checkpoint for every mode (the old code cannot build every shape itself)
         checkpoint = save_checkpoint(out_root, [*shape_overrides, *overrides])
         shape_overrides = [*(o for o in shape_overrides if not o.startswith("model.")), f"model.path={checkpoint}"]
         overrides = [o for o in overrides if not o.startswith("model.")]
     trainers = {}
-    for mode, switches in MODES.items():
-        cfg = load_config(None, [*COMMON, *shape_overrides, *overrides, *switches, f"trainer.steps={steps}",
+    for mode in modes:
+        cfg = load_config(None, [*COMMON, *shape_overrides, *overrides, *MODES[mode], f"trainer.steps={steps}",
                                  f"trainer.output_dir={out_root}/{mode}"])
         trainers[mode] = PAPOTrainer(cfg)
         trainers[mode].sampling.length_profile = spec.length_profile()
@@ -100,16 +104,22 @@ def main() -> None:
     parser.add_argument("--before", action=argparse.BooleanOptionalAction, default=None,
                         help="add papo_before (the code before the length-aware round); default: with a paper-mini "
                              "shape")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=ALGORITHMS,
+                        help="the ratios to GRPO need grpo, papo_official and papo")
+    parser.add_argument("--sigma", type=float, help="a paper-mini shape with this length tail (LengthProfile sigma)")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every mode")
     args = parser.parse_args()
-    before = bool(SHAPES[args.shape].lengths) if args.before is None else args.before
+    spec = SHAPES[args.shape]
+    if args.sigma is not None:
+        spec = dataclasses.replace(spec, lengths={**spec.lengths, "sigma": args.sigma})
+    before = bool(spec.lengths) if args.before is None else args.before
     sys.path.insert(0, str(ROOT))
-    names = [*MODES, *(["papo_before"] if before else [])]
+    names = [*args.modes, *(["papo_before"] if before else [])]
     rows: dict[str, list[dict]] = {m: [] for m in names}  # per measured step
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory() as out:
-            trainers = build_trainers(out, args.steps, args.shape, args.overrides, before)
+            trainers = build_trainers(out, args.steps, spec, args.overrides, args.modes, before)
             for step in range(args.steps):
                 last = {}
                 for mode in names[step % len(names):] + names[:step % len(names)]:
@@ -139,10 +149,13 @@ def main() -> None:
             return r["time/step"] - (r.get("time/rollout", 0.0) if training_side else 0.0)
         return [t(a) / t(b) for a, b in zip(rows[mode], rows[over])]
 
-    summary = {"papo_official_over_grpo_step_time": statistics.median(per_step("papo_official")),
-               "papo_over_grpo_step_time": statistics.median(per_step("papo")),
-               "papo_official_over_grpo_training_side": statistics.median(per_step("papo_official", training_side=True)),
-               "papo_over_grpo_training_side": statistics.median(per_step("papo", training_side=True))}
+    summary = {}
+    if set(ALGORITHMS) <= set(names):
+        summary = {"papo_official_over_grpo_step_time": statistics.median(per_step("papo_official")),
+                   "papo_over_grpo_step_time": statistics.median(per_step("papo")),
+                   "papo_official_over_grpo_training_side": statistics.median(
+                       per_step("papo_official", training_side=True)),
+                   "papo_over_grpo_training_side": statistics.median(per_step("papo", training_side=True))}
     for key in LAYOUT:
         if key in modes["papo"]:
             summary[f"{key.split('/')[1]}"] = modes["papo"][key]
@@ -154,14 +167,14 @@ def main() -> None:
             per_step("papo_before", over="papo", training_side=True))
     report = {
         "device": device_name(), "platform": platform.platform(), "steps_per_run": args.steps,
-        "repeats": args.repeats, "shape": args.shape, "shape_overrides": SHAPES[args.shape].run_overrides(),
-        "imposed_lengths": SHAPES[args.shape].lengths or None, "overrides": args.overrides, "modes": modes,
+        "repeats": args.repeats, "shape": args.shape, "shape_overrides": spec.run_overrides(),
+        "imposed_lengths": spec.lengths or None, "overrides": args.overrides, "modes": modes,
         "micro_batch_tokens": trainers["papo"].cfg.trainer.micro_batch_tokens,
-        "per_step_ratios": {m: per_step(m) for m in ("papo_official", "papo")},
+        "per_step_ratios": {m: per_step(m) for m in ("papo_official", "papo") if summary},
         "per_step_seconds": {m: [r["time/step"] for r in rows[m]] for m in names},
         "summary": summary,
     }
-    suffix = "" if args.shape == "tiny" else f"_{args.shape}"
+    suffix = ("" if args.shape == "tiny" else f"_{args.shape}") + ("" if args.sigma is None else f"_sigma{args.sigma}")
     write_results(Path(args.output) / f"throughput_{report['device']}{suffix}", report, table(report))
 
 
@@ -188,7 +201,8 @@ def table(report: dict) -> str:
     s = report["summary"]
     ratio = {"grpo": (1.0, 1.0), "papo_official": (s["papo_official_over_grpo_step_time"],
                                                     s["papo_official_over_grpo_training_side"]),
-             "papo": (s["papo_over_grpo_step_time"], s["papo_over_grpo_training_side"])}
+             "papo": (s["papo_over_grpo_step_time"], s["papo_over_grpo_training_side"])} if s.get(
+        "papo_over_grpo_step_time") else {}
     for mode, m in report["modes"].items():
         over = ratio.get(mode)
         cells = [mode, f"{m['step_s']:.3f}", f"{over[0]:.3f}" if over else "", f"{over[1]:.3f}" if over else "",

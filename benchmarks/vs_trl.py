@@ -322,6 +322,7 @@ def main() -> int:
     parser.add_argument("--python", default=str(ROOT / ".venv-trl" / "bin" / "python"),
                         help="interpreter for every run (both systems: the same torch)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--suffix", default="", help="appended to the results' file names (vs_trl_<device><suffix>.*)")
     parser.add_argument("--smoke", action="store_true",
                         help="end-to-end check at tiny sizes: 1x2x4, 2 steps (1 measured), 1 repeat, no warm-up")
     args = parser.parse_args()
@@ -362,7 +363,7 @@ def main() -> int:
                       | {"step_seconds": [s["seconds"] for s in r["steps"]]} for r in runs]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"vs_trl_{report['meta']['device']}"
+    stem = out / f"vs_trl_{report['meta']['device']}{args.suffix}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     text = table(report)
     stem.with_suffix(".md").write_text(text)

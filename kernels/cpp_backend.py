@@ -1,5 +1,6 @@
 """C++/OpenMP CPU ops: the fused head (``csrc/papo_head.cpp``, with its autograd wrapper here) and the native
-rollout's decode-step attention (``csrc/decode_attention.cpp``, `decode_attention_cpp`).
+rollout's decode-step attention and keyed sampling (``csrc/decode_step.cpp``: `decode_attention_cpp`,
+`keyed_sample_cpp`).
 
 Each extension is compiled on first use with ninja through ``torch.utils.cpp_extension.load`` into
 ``$TORCH_EXTENSIONS_DIR`` if set, else ``~/.cache/papo_engine/torch_extensions``.  The sources are found through
@@ -19,7 +20,7 @@ import torch
 
 from .reference import LogprobEntropyOutput, PapoHeadOutput, check_inputs
 
-EXTENSIONS = {"head": ("papo_head_cpp", "papo_head.cpp"), "decode": ("papo_decode_cpp", "decode_attention.cpp")}
+EXTENSIONS = {"head": ("papo_head_cpp", "papo_head.cpp"), "decode": ("papo_decode_cpp", "decode_step.cpp")}
 _BUILT: dict[str, object] = {}
 _ERRORS: dict[str, str] = {}
 _LOCK = threading.Lock()
@@ -98,12 +99,19 @@ def build_error(which: str = "head") -> Optional[str]:
 
 def decode_attention_cpp(qkv, heads: int, cos, sin, prompt_keys, prompt_values, prompt_bias, row_group, keys,
                          values, slot: int, scale: float) -> torch.Tensor:
-    """The native rollout's decode-step attention, float32 CPU tensors (shapes in ``csrc/decode_attention.cpp``):
+    """The native rollout's decode-step attention, float32 CPU tensors (shapes in ``csrc/decode_step.cpp``):
     rotary embedding of the new query and key heads in `qkv` [rows, (heads + 2·kv)·hd], the new key and value
     written at `slot` of `keys` / `values`, attention over the row's prompt slots and generated slots 0..slot.
     Output [rows, heads·hd]."""
     return load("decode").decode_attention(qkv, heads, cos, sin, prompt_keys, prompt_values, prompt_bias,
                                            row_group, keys, values, slot, scale)
+
+
+def keyed_sample_cpp(logits, u, temperature: float, block: int, banned, eos: int, eos_rule):
+    """Inverse-CDF draws at quantiles `u` (float64 [rows]) from softmax(logits / T) over the allowed tokens (not
+    `banned`; eos per row: `eos_rule` int8, 0 allowed, 1 not, 2 alone), float32 CPU logits [rows, V] (unchanged).
+    Returns (tokens int64 [rows], logsumexp(logits / T) float32 [rows] over every token)."""
+    return load("decode").keyed_sample(logits, u, temperature, block, banned, eos, eos_rule)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -126,3 +126,13 @@ def test_length_aware_micro_batches_train_as_the_fixed_ones(tmp_path, mode):
     assert_within_bounds(run_differences(strip[0], fixed[1], strip[1], aware[1], fixed[2].cfg.optim.lr),
                          f"length-aware vs fixed micro-batches ({mode})")
     assert all(r["grad_norm"] > 0 for r in fixed[0])
+    # the length metrics against the imposed lengths (step s holds responses s·20 … s·20 + 19, one rank)
+    profile = fixed[2].sampling.length_profile
+    for step, row in enumerate(aware[0]):
+        lengths = profile.lengths(torch.arange(step * 20, step * 20 + 20)).clamp(max=24).double()
+        assert row["response_length"] == pytest.approx(float(lengths.mean()))
+        assert row["response_length/max"] == float(lengths.max())
+        assert row["response_length/clip_ratio"] == pytest.approx(float((lengths == 24).double().mean()))
+        # tokens / row-steps: above a static batch's (every row to the longest), at most 1
+        assert float(lengths.sum() / (20 * lengths.max())) < row["rollout/row_utilization"] <= 1
+        assert 40 < row["prompt_length"] < 80 and row["prompt_length/max"] >= row["prompt_length"]

@@ -97,3 +97,27 @@ def test_responses_do_not_depend_on_batch_composition(tiny):
     assert len(set(together.texts)) > 6  # it samples: the n responses to a prompt differ
     other_seed = rollout.generate(prompts, SamplingParams(3, 1.0, 1.0, 10, seed=124), prompt_keys=keys)
     assert other_seed.texts != together.texts
+
+
+def test_the_cpu_op_draws_what_the_torch_reference_draws():
+    """The C++ draw (float32 CPU, top_p = 1: `kernel_draw`) against `inverse_cdf_sample_torch` on the logits with the
+    same rules written in: vision-like tokens banned, eos held back on some rows and the only token on others; and
+    its normalizer against torch's logsumexp over every token (before any ban)."""
+    from papo_engine.rollout.sampling import inverse_cdf_sample_torch, kernel_draw
+    g = torch.Generator().manual_seed(1)
+    for vocab, temperature in ((576, 1.0), (3 * 1024 + 17, 0.7), (151936, 1.0)):
+        rows, eos = 24, 7
+        logits = torch.randn(rows, vocab, generator=g) * 4
+        logits[0, 3] = 50.0  # the largest logit banned: the weights' shift is not the normalizer's
+        banned = torch.tensor([3, 11, vocab - 1])
+        rule = torch.tensor([0, 1, 2] * (rows // 3), dtype=torch.int8)
+        u = torch.rand(rows, generator=g, dtype=torch.float64)
+        u[:3] = torch.tensor([1e-12, 1 - 1e-12, 0.5], dtype=torch.float64)
+        ruled = logits.clone()
+        ruled[:, banned] = float("-inf")
+        ruled[rule == 1, eos] = float("-inf")
+        ruled[rule == 2] = torch.where(torch.arange(vocab) == eos, ruled[rule == 2], float("-inf"))
+        tokens, lse = kernel_draw(logits, temperature, u, banned, eos, rule)
+        assert torch.equal(tokens, inverse_cdf_sample_torch(ruled, temperature, 1.0, u)), vocab
+        assert torch.equal(tokens[rule == 2], torch.full(((rule == 2).sum(),), eos))
+        assert torch.allclose(lse, torch.logsumexp(logits.double() / temperature, -1).float(), atol=1e-5, rtol=0)

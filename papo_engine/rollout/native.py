@@ -34,7 +34,7 @@ from ..prompts import vision_token_ids
 from .base import RolloutOutput, SamplingParams, imposed_lengths, response_keys, response_mask_from_ids
 from .decoder import TextDecoder, row_buckets, text_parameters
 from .lengths import force_lengths
-from .sampling import inverse_cdf_sample, keyed_sample, row_streams
+from .sampling import cpu_kernel_draws, inverse_cdf_sample, kernel_draw, keyed_sample, row_streams, stream_uniform
 
 
 def _gathered(params: list[torch.nn.Parameter]):
@@ -165,6 +165,8 @@ class NativeRollout:
         response lengths (a benchmark's `LengthProfile`)."""
         x = logits.float()
         temperature = sampling.temperature
+        if temperature > 0 and cpu_kernel_draws(x, sampling.top_p):  # the draw and normalizer in one C++ op
+            return self._kernel_sample(x, t, sampling, streams, suppress, lengths)
         if temperature > 0:  # the policy's normalizer, before suppression (the trainer's log-probs have none)
             lse = torch.logsumexp(x / temperature if temperature != 1.0 else x, -1)
         x.index_fill_(1, suppress, float("-inf"))  # as HF's suppress_tokens
@@ -180,3 +182,16 @@ class NativeRollout:
             tokens = inverse_cdf_sample(x, temperature, sampling.top_p, torch.rand(len(x), dtype=torch.float64))
         # a drawn token is never a suppressed one, so its entry still holds the policy's logit
         return tokens, x.gather(1, tokens.unsqueeze(1)).squeeze(1) / temperature - lse
+
+    def _kernel_sample(self, x: torch.Tensor, t: int, sampling: SamplingParams, streams: torch.Tensor | None,
+                       suppress: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_sample` on a float32 CPU decode at T > 0, top_p = 1 (`sampling.kernel_draw`): the same rules (vision
+        tokens never, eos held back or forced) as the op's arguments, `x` left as it is."""
+        eos_rule = torch.zeros(len(x), dtype=torch.int8)
+        if t < sampling.min_new_tokens:
+            eos_rule.fill_(1)
+        if lengths is not None:  # held back before the row's length, the only token at it
+            eos_rule = torch.where(lengths > t + 1, 1, torch.where(lengths == t + 1, 2, eos_rule)).to(torch.int8)
+        u = (stream_uniform(streams, t) if streams is not None else torch.rand(len(x), dtype=torch.float64))
+        tokens, lse = kernel_draw(x, sampling.temperature, u, suppress, self.eos, eos_rule)
+        return tokens, x.gather(1, tokens.unsqueeze(1)).squeeze(1) / sampling.temperature - lse

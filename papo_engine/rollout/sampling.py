@@ -9,12 +9,17 @@ cost per token is one short hash per row (the (seed, key) part is hashed once pe
 pass over the vocabulary (a Gumbel-max draw needs one hash per row and vocabulary entry: 4.9 M a token at Qwen's
 151,936 × 32 rows). Every backend that samples from the
 trainer's module (`hf`, `native`) calls `keyed_sample`, so they draw the same tokens under the same keys.
+
+On a float32 CPU tensor with top_p = 1 the draw runs as one C++ op (`papo_kernels.cpp_backend.keyed_sample_cpp`:
+two passes over the vocabulary instead of torch's ~8, the same arithmetic); `inverse_cdf_sample`'s torch code is
+its reference (tests/test_sampling.py compares them) and runs everywhere else.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from papo_kernels import cpp_backend
 from transformers import LogitsProcessor
 
 _MASK32 = 0xFFFFFFFF
@@ -67,6 +72,24 @@ def block_size(vocab: int) -> int:
     return max(16, 1 << math.ceil(math.log2(math.sqrt(vocab))))
 
 
+def cpu_kernel_draws(logits: torch.Tensor, top_p: float) -> bool:
+    """Whether a draw from `logits` runs as the C++ op (see the module docstring)."""
+    return (top_p >= 1.0 and logits.device.type == "cpu" and logits.dtype == torch.float32
+            and cpp_backend.is_available("decode"))
+
+
+def kernel_draw(logits: torch.Tensor, temperature: float, u: torch.Tensor, banned: torch.Tensor | None = None,
+                eos: int = 0, eos_rule: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ draw (`cpu_kernel_draws` must hold): (tokens [rows], logsumexp(logits / T) [rows] over every token)
+    from logits [rows, V] left as they are; `banned` token ids never drawn, eos per row by `eos_rule` (int8: 0
+    allowed, 1 not, 2 the only token)."""
+    rows, vocab = logits.shape
+    return cpp_backend.keyed_sample_cpp(
+        logits.contiguous(), u.to(torch.float64).contiguous(), float(temperature), block_size(vocab),
+        torch.zeros(0, dtype=torch.long) if banned is None else banned.to(torch.long).contiguous(), eos,
+        torch.zeros(rows, dtype=torch.int8) if eos_rule is None else eos_rule.to(torch.int8).contiguous())
+
+
 def inverse_cdf_sample(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor) -> torch.Tensor:
     """Token ids [rows]: row i's draw from softmax(top_p_filter(logits_i / T)) at quantile u_i (u in (0, 1)).
 
@@ -75,7 +98,14 @@ def inverse_cdf_sample(logits: torch.Tensor, temperature: float, top_p: float, u
     quantile — so a draw costs one pass over the vocabulary plus two short cumulative sums, not a cumulative sum
     over it (at 151,936 × 32 rows, a float64 cumsum was most of a decode step). The token taken is the first whose
     cumulative weight reaches u · total, which is never a token of weight 0 (the cumulative weight does not rise
-    there)."""
+    there). On a float32 CPU tensor at top_p = 1: the C++ op (`kernel_draw`)."""
+    if cpu_kernel_draws(logits, top_p):
+        return kernel_draw(logits, temperature, u)[0]
+    return inverse_cdf_sample_torch(logits, temperature, top_p, u)
+
+
+def inverse_cdf_sample_torch(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor) -> torch.Tensor:
+    """`inverse_cdf_sample` in torch (the C++ op's reference; any device, dtype and top_p)."""
     rows, vocab = logits.shape
     x = logits.float()
     x = top_p_filter(x / temperature if temperature != 1.0 else x, top_p)

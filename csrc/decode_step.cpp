@@ -1,5 +1,7 @@
-// One decode step's attention for the native rollout on the CPU (papo_engine/rollout/decoder.py), fp32.
+// A decode step's two CPU ops for the native rollout, fp32: its attention (papo_engine/rollout/decoder.py) and its
+// keyed sampling (papo_engine/rollout/sampling.py).
 //
+// decode_attention —
 // For each prompt slot G and KV head k (one task each, in parallel), over the rows r that answer that prompt:
 //   1. rotary embedding of each row's new query heads k·g … k·g + g − 1 (g = query heads per KV head) and of its
 //      new key head k: x·cos + rotate_half(x)·sin, rotate_half(x) = (−x₂, x₁) — as Qwen2.5-VL computes it;
@@ -177,10 +179,135 @@ Tensor decode_attention(const Tensor& qkv, int64_t H, const Tensor& cos, const T
   return out;
 }
 
+// keyed_sample — the inverse-CDF draw of rollout/sampling.py `inverse_cdf_sample` (top_p = 1) on z = x / T, and the
+// policy's normalizer logsumexp(z) over every token. The tokens allowed are those not `banned` (for every row) and,
+// by the row's `eos_rule`, eos too (0), not eos (1), or eos alone (2: drawn whatever u). Per row: the allowed
+// tokens' weights e^(z − m) (m their max) summed per block of `block` tokens in one pass, the normalizer from
+// those sums and the banned tokens' terms (logsumexp = m* + log(e^(m − m*)·S + Σ_banned e^(z − m*)), m* the max of
+// every token), then the block that holds the quantile u·S and the token inside it — the torch function's
+// arithmetic (fp32 weights and block sums, float64 cumulative sums, the same clamps), so both draw the same token
+// but where an fp32 sum rounds differently by an ulp at a quantile's edge.
+// Returns (tokens [rows] int64, logsumexp(z) [rows] float32).
+namespace {
+
+// e^(z[i] − m) for i in [lo, hi) into out[0, hi − lo): vector lanes from lo, scalar for the remainder — the one
+// formula both the block sums and the search inside a block use, so they see the same weights
+inline float block_weights(const float* z, int64_t lo, int64_t hi, float m, float* out) {
+  using Vf = vec::Vectorized<float>;
+  constexpr int64_t W = Vf::size();
+  const Vf shift(m);
+  Vf acc(0.f);
+  int64_t i = lo;
+  for (; i + W <= hi; i += W) {
+    const Vf e = (Vf::loadu(z + i) - shift).exp();
+    e.store(out + (i - lo));
+    acc = acc + e;
+  }
+  float sum = vec::vec_reduce_all<float>([](const Vf& a, const Vf& b) { return a + b; }, acc);
+  for (; i < hi; ++i) {
+    out[i - lo] = std::exp(z[i] - m);
+    sum += out[i - lo];
+  }
+  return sum;
+}
+
+inline float max_of(const float* z, int64_t n) {
+  using Vf = vec::Vectorized<float>;
+  constexpr int64_t W = Vf::size();
+  Vf vm(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + W <= n; i += W) vm = vec::maximum(vm, Vf::loadu(z + i));
+  float m = vec::vec_reduce_all<float>([](const Vf& a, const Vf& b) { return vec::maximum(a, b); }, vm);
+  for (; i < n; ++i) m = std::max(m, z[i]);
+  return m;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> keyed_sample(const Tensor& logits, const Tensor& u, double temperature, int64_t block,
+                                        const Tensor& banned, int64_t eos, const Tensor& eos_rule) {
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.dim() == 2 &&
+              logits.device().is_cpu(), "keyed_sample: contiguous float32 [rows, V] CPU logits");
+  TORCH_CHECK(u.scalar_type() == at::kDouble && banned.scalar_type() == at::kLong &&
+              eos_rule.scalar_type() == at::kChar && u.numel() == logits.size(0) &&
+              eos_rule.numel() == logits.size(0), "keyed_sample: u float64 [rows], banned int64, eos_rule int8 [rows]");
+  const int64_t rows = logits.size(0), V = logits.size(1), blocks = (V + block - 1) / block;
+  const float t = static_cast<float>(temperature);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  Tensor tokens = at::empty({rows}, logits.options().dtype(at::kLong));
+  Tensor lse = at::empty({rows}, logits.options());
+  const float* x = logits.data_ptr<float>();
+  const double* up = u.data_ptr<double>();
+  const int64_t* ban = banned.data_ptr<int64_t>();
+  const int64_t n_ban = banned.numel();
+  const int8_t* rule = eos_rule.data_ptr<int8_t>();
+  int64_t* tp = tokens.data_ptr<int64_t>();
+  float* lp = lse.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> z(V), weights(block);
+    std::vector<double> cdf(blocks), inside(block);
+    std::vector<float> banned_values;
+    for (int64_t r = begin; r < end; ++r) {
+      float* zr = z.data();
+      const float* xr = x + r * V;
+      for (int64_t i = 0; i < V; ++i) zr[i] = t == 1.f ? xr[i] : xr[i] / t;  // as torch's x / T
+      if (rule[r] == 2) {  // eos alone: the normalizer over every token, the token without a draw
+        const float m_all = max_of(zr, V);
+        double all = 0.0;
+        for (int64_t lo = 0; lo < V; lo += block)
+          all += block_weights(zr, lo, std::min(V, lo + block), m_all, weights.data());
+        lp[r] = m_all + static_cast<float>(std::log(all));
+        tp[r] = eos;
+        continue;
+      }
+      banned_values.clear();
+      auto ban_token = [&](int64_t id) {
+        if (zr[id] != neg_inf) banned_values.push_back(zr[id]);
+        zr[id] = neg_inf;
+      };
+      for (int64_t b = 0; b < n_ban; ++b) ban_token(ban[b]);
+      if (rule[r] == 1) ban_token(eos);
+      const float m = max_of(zr, V);
+      float m_all = m;
+      for (float v : banned_values) m_all = std::max(m_all, v);
+      double running = 0.0;
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        running += static_cast<double>(
+            block_weights(zr, blk * block, std::min(V, (blk + 1) * block), m, weights.data()));
+        cdf[blk] = running;
+      }
+      double all = std::exp(static_cast<double>(m) - m_all) * running;
+      for (float v : banned_values) all += std::exp(static_cast<double>(v) - m_all);
+      lp[r] = m_all + static_cast<float>(std::log(all));
+      // the block holding the quantile: the first whose cumulative sum exceeds it (searchsorted, right)
+      double target = up[r] * cdf[blocks - 1];
+      const int64_t blk = std::min<int64_t>(std::upper_bound(cdf.begin(), cdf.end(), target) - cdf.begin(),
+                                            blocks - 1);
+      const double before = blk > 0 ? cdf[blk - 1] : 0.0;
+      const int64_t lo = blk * block, hi = std::min(V, lo + block);
+      block_weights(zr, lo, hi, m, weights.data());
+      double acc = before;
+      for (int64_t i = 0; i < block; ++i) {  // a short last block: its missing entries weigh 0
+        if (lo + i < hi) acc += static_cast<double>(weights[i]);
+        inside[i] = acc;
+      }
+      // strictly above the mass before the block, at most its end (the two sums round differently)
+      target = std::min(std::max(target, std::nextafter(before, 2.0)), inside[block - 1]);
+      const int64_t offset = std::lower_bound(inside.begin(), inside.end(), target) - inside.begin();
+      tp[r] = std::min(lo + offset, V - 1);
+    }
+  });
+  return {tokens, lse};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Decode-step attention of the native rollout (CPU): rotary, cache write, prompt + generated slots";
+  m.doc() = "Decode-step ops of the native rollout (CPU): attention (rotary, cache write, prompt + generated "
+            "slots) and keyed inverse-CDF sampling";
   m.def("decode_attention", &decode_attention, "one decode step's attention", py::arg("qkv"), py::arg("heads"),
         py::arg("cos"), py::arg("sin"), py::arg("prompt_keys"), py::arg("prompt_values"),
         py::arg("prompt_bias"), py::arg("row_group"), py::arg("keys"), py::arg("values"), py::arg("slot"),
         py::arg("scale"));
+  m.def("keyed_sample", &keyed_sample, "inverse-CDF draw at quantiles u, and the normalizer", py::arg("logits"),
+        py::arg("u"), py::arg("temperature"), py::arg("block"), py::arg("banned"), py::arg("eos"),
+        py::arg("eos_rule"));
 }
