@@ -28,6 +28,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_device import device_name  # noqa: E402
 from shapes import PAPER_MINI  # noqa: E402
+from throughput import sigma_suffix  # noqa: E402
 
 PARTS = ("rollout", "throughput", "trl", "tail")
 SIGMAS = (0.0, 0.4, 0.8, 1.2)
@@ -110,7 +111,7 @@ def summarize(output: Path) -> dict:
                 f"vs_trl_{device}_paper-mini.json")
     tail = []
     for sigma in SIGMAS:
-        sweep = read(output, f"throughput_{device}_paper-mini_sigma{sigma}")
+        sweep = read(output, f"throughput_{device}_paper-mini{sigma_suffix(sigma)}")
         if sweep:
             tail.append({"sigma": sigma, "papo_step_s": sweep["modes"]["papo"]["step_s"],
                          "papo_before_step_s": sweep["modes"]["papo_before"]["step_s"],

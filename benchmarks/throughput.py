@@ -91,6 +91,11 @@ def save_checkpoint(out_root: str, overrides: list[str]) -> str:
     return path
 
 
+def sigma_suffix(sigma: float) -> str:
+    """A tail sweep's file-name part: _sigma0p8 (no dot: the file's suffix would eat it)."""
+    return f"_sigma{sigma:g}".replace(".", "p")
+
+
 def take_step(trainer, step: int) -> dict:
     return trainer.ask({"step": step}) if hasattr(trainer, "ask") else trainer.train_step(step)
 
@@ -132,7 +137,7 @@ def main() -> None:
                 trainer.close() if mode == "papo_before" else trainer.tracker.close()
     modes = {}
     for mode, steps in rows.items():
-        cfg = trainers["papo"].cfg  # every mode does the same work
+        cfg = trainers[names[0]].cfg  # every mode does the same work
         sequences = cfg.trainer.prompts_per_step * cfg.rollout.n
         step_s = statistics.median(r["time/step"] for r in steps)
         modes[mode] = {
@@ -157,9 +162,9 @@ def main() -> None:
                        per_step("papo_official", training_side=True)),
                    "papo_over_grpo_training_side": statistics.median(per_step("papo", training_side=True))}
     for key in LAYOUT:
-        if key in modes["papo"]:
+        if key in modes.get("papo", {}):
             summary[f"{key.split('/')[1]}"] = modes["papo"][key]
-    if before:
+    if before and "papo" in names:
         summary["speedup_over_before"] = statistics.median(per_step("papo_before", over="papo"))
         summary["speedup_over_before_rollout"] = statistics.median(
             a["time/rollout"] / b["time/rollout"] for a, b in zip(rows["papo_before"], rows["papo"]))
@@ -169,12 +174,13 @@ def main() -> None:
         "device": device_name(), "platform": platform.platform(), "steps_per_run": args.steps,
         "repeats": args.repeats, "shape": args.shape, "shape_overrides": spec.run_overrides(),
         "imposed_lengths": spec.lengths or None, "overrides": args.overrides, "modes": modes,
-        "micro_batch_tokens": trainers["papo"].cfg.trainer.micro_batch_tokens,
-        "per_step_ratios": {m: per_step(m) for m in ("papo_official", "papo") if summary},
+        "micro_batch_tokens": trainers[names[0]].cfg.trainer.micro_batch_tokens,
+        "per_step_ratios": ({m: per_step(m) for m in ("papo_official", "papo")} if set(ALGORITHMS) <= set(names)
+                            else {}),
         "per_step_seconds": {m: [r["time/step"] for r in rows[m]] for m in names},
         "summary": summary,
     }
-    suffix = ("" if args.shape == "tiny" else f"_{args.shape}") + ("" if args.sigma is None else f"_sigma{args.sigma}")
+    suffix = ("" if args.shape == "tiny" else f"_{args.shape}") + ("" if args.sigma is None else sigma_suffix(args.sigma))
     write_results(Path(args.output) / f"throughput_{report['device']}{suffix}", report, table(report))
 
 

@@ -233,7 +233,8 @@ def table(report: dict) -> str:
              f"{meta['repeats']} runs per mode (one process each, modes taking turns), {meta['steps']} steps per run, "
              f"first {meta['drop']} dropped; values are median [min–max] over runs. Same torch for both "
              f"({meta['versions'].get('torch', '?')}), fp32, β = 0, one optimizer step per rollout, responses forced "
-             f"to the full length (min_new_tokens). Settings: {json.dumps(meta['settings'])}. "
+             f"to the full length (min_new_tokens), or at a paper-mini shape each to its imposed length, the same on "
+             f"both sides. Settings: {json.dumps(meta['settings'])}. "
              f"`_malloc`: TRL with our glibc malloc tuning ({' '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())}).",
              ""]
     for name, c in report["configurations"].items():

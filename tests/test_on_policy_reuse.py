@@ -41,7 +41,7 @@ def _run(tmp_path, monkeypatch, reuse: bool, *overrides, steps: int = 3, setup=N
     """`steps` training steps in this process. Returns (metrics per step without timings, final parameters,
     number of separate no-grad forwards of the policy, the trainer, the sequence count of each no-grad forward of
     the masked half in the update)."""
-    from papo_engine import trainer as trainer_module
+    from papo_engine import update as trainer_module  # the update role: its masked-half pass
     from papo_engine.trainer import PAPOTrainer
 
     out = tmp_path / f"reuse-{reuse}"

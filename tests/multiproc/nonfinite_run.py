@@ -6,13 +6,14 @@ import sys
 import torch
 
 from papo_engine import trainer as trainer_module
+from papo_engine import update as update_module
 from papo_engine.config import TrainingStopped, load_config
 
 out_json, output_dir, nan_steps, *overrides = sys.argv[1:]
 nan_steps = {int(s) for s in nan_steps.split(",") if s}
 cfg = load_config(None, [f"trainer.output_dir={output_dir}", *overrides])
 current = {"step": -1}
-real_loss = trainer_module.papo_loss
+real_loss = update_module.papo_loss
 
 
 def loss_with_nan(*args, **kwargs):
@@ -20,7 +21,7 @@ def loss_with_nan(*args, **kwargs):
     return (loss * float("nan") if current["step"] in nan_steps else loss), metrics
 
 
-trainer_module.papo_loss = loss_with_nan
+update_module.papo_loss = loss_with_nan  # the update role forms the loss
 trainer = trainer_module.PAPOTrainer(cfg)
 
 
