@@ -68,8 +68,9 @@ def summarize(runs: list[dict], threshold: float) -> dict:
 
 def table(report: dict) -> str:
     s = report["summary"]
+    extra = "".join(f" {o}" for o in report.get("overrides", []))
     lines = [f"# Default run over seeds on {report['device']}: `papo train --config configs/tiny_cpu.yaml "
-             f"trainer.seed=S`, {report['steps']} steps", "",
+             f"trainer.seed=S{extra}`, {report['steps']} steps", "",
              "| method | seed | held-out accuracy | reward, first 20% | reward, last 20% | minutes |", "|---|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(f"| {r['method']} | {r['seed']} | {r['eval_accuracy']:.3f} | {r['reward_first_20pct']:.3f} | "

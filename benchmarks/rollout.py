@@ -173,7 +173,7 @@ def main() -> None:
             summary[f"{name}_over_hf_rollout_tokens_per_s"] = paired(name, "hf")
         if kept[name] and "row_steps" in kept[name][0]:
             summary[f"{name}_row_utilization"] = statistics.median(x["tokens"] / x["row_steps"] for x in kept[name])
-    if "vllm" in names:
+    if "vllm" in names and "native" in names:
         summary["native_over_vllm_rollout_tokens_per_s"] = paired("native", "vllm")
     if "native_before" in names:
         summary["native_over_native_before_rollout_tokens_per_s"] = paired("native", "native_before")

@@ -4,11 +4,13 @@ hidden states split in two, and the fused head computing per-token log-probs, en
 The two halves share input_ids, attention mask and (M-RoPE) positions; only pixel_values differ.
 
 Shared prompts: the n responses to a prompt share its tokens and image, so (when `prompt_group` says which
-sequences share a prompt) each distinct prompt — image tokens included — runs once per branch and its key/value
-cache is expanded to the responses, which then run attending to it. Exact (same positions, same attention), and
-the prompt's share of the work drops n-fold; gradients flow back through the shared cache. Not used under
-gradient checkpointing (HF drops the cache inside checkpointed layers). The prompts' M-RoPE positions can be
-computed once for a step's batch (`with_prompt_positions`) and are then read by every forward over its rows.
+sequences share a prompt) each distinct prompt — image tokens included — runs once per branch and its cache is
+expanded to the responses, which then run attending to it (continuing from it: the family's cache holds keys and
+values, and for Qwen3.5's linear-attention layers a convolution window and a recurrent state, expanded alike).
+Exact (same positions, same attention), and the prompt's share of the work drops n-fold; gradients flow back
+through the shared cache. Not used under gradient checkpointing (HF drops the cache inside checkpointed layers).
+The prompts' M-RoPE positions can be computed once for a step's batch (`with_prompt_positions`) and are then read
+by every forward over its rows.
 
 Length-aware micro-batches (`micro_batching.py`): a batch cut to its own longest prompt and response
 (`SequenceBatch.select(…, trim=True)`) may carry `response_buckets`; the response forward then runs once per
@@ -21,9 +23,9 @@ import inspect
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import DynamicCache
 
 from .batching import select_prompts
+from .families import family_of
 from .micro_batching import response_buckets
 from .models import PromptBatch, mm_token_type_ids
 
@@ -168,9 +170,10 @@ def prompt_positions(model, prompts) -> torch.Tensor:
 
 
 def prefill(model, input_ids, attention_mask, positions, pixel_values, image_grid_thw):
-    """One forward of prompts, their images included, filling a fresh KV cache: (final hidden states [B, P, d],
-    the cache). Shared by the training forward (each distinct prompt once per branch) and the native rollout."""
-    cache = DynamicCache()
+    """One forward of prompts, their images included, filling a fresh cache (the family's: keys and values, and
+    Qwen3.5's recurrent states): (final hidden states [B, P, d], the cache). Shared by the training forward (each
+    distinct prompt once per branch) and the native rollout."""
+    cache = family_of(model).new_prompt_cache(model)
     out = model.model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
         pixel_values=pixel_values.to(model.dtype), image_grid_thw=image_grid_thw,
@@ -211,7 +214,8 @@ def _shared_prompt_token_hidden(model, batch: SequenceBatch, both_branches: bool
     prompt_ids = distinct.prompts.input_ids.repeat(copies, 1)
     prompt_hidden, cache = prefill(model, prompt_ids, distinct.prompts.attention_mask.repeat(copies, 1),
                                    positions.repeat(1, copies, 1), pixel_values, grid)
-    prompt_cache = [(layer.keys, layer.values) for layer in cache.layers]
+    family = family_of(model)
+    prompt_states = family.prompt_cache_states(cache)
     del cache
     pieces = []
     for rows in buckets:
@@ -222,7 +226,7 @@ def _shared_prompt_token_hidden(model, batch: SequenceBatch, both_branches: bool
         mask = batch.response_mask[rows]
         width = mask.shape[1] if batch.response_buckets is None else max(1, int(mask.sum(1).max()))
         mask = mask[:, :width]
-        rows_cache = DynamicCache([(keys[expand], values[expand]) for keys, values in prompt_cache])
+        rows_cache = family.expanded_cache(prompt_states, expand, model)
         attention_mask = torch.cat([prompts.attention_mask[rows], mask.to(prompts.attention_mask.dtype)], 1)
         response_positions = (start[rows, None] + 1 + torch.arange(width, device=start.device)) * mask.long()
         response_out = model.model(

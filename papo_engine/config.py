@@ -32,19 +32,33 @@ def _f(default, *, choices=None, low=None, high=None, low_open=False, high_open=
     return field(default=default, metadata=meta)
 
 
+class _Architectures:
+    """The model.architecture names the families build (papo_engine/families), read when first asked: the registry
+    imports transformers and this module."""
+
+    def __iter__(self):
+        from .families import architecture_names
+        return iter(architecture_names())
+
+    def __contains__(self, name) -> bool:
+        return name in list(self)
+
+
 @dataclass
 class ModelConfig:
-    path: str | None = _f(None, help="local Hugging Face Qwen2.5-VL directory; null builds `architecture` from a "
+    path: str | None = _f(None, help="local Hugging Face directory of a Qwen2.5-VL, Qwen3-VL or Qwen3.5 model (its "
+                                     "config.json model_type picks the family); null builds `architecture` from a "
                                      "config with random weights")
-    architecture: str = _f("tiny", choices=["tiny", "tiny-vocab152k", "qwen2.5-vl-3b", "qwen2.5-vl-7b"],
-                           help="the model built when path is null: tiny (the shape fields below), tiny-vocab152k "
-                                "(the same with Qwen2.5-VL-3B's 151,936-token vocabulary) or a released model's "
-                                "architecture and vocabulary size, random weights (benchmarks)")
+    architecture: str = _f("tiny", choices=_Architectures(),
+                           help="the model built when path is null: tiny (Qwen2.5-VL), tiny-qwen3-vl or tiny-qwen3.5 "
+                                "(the shape fields below), tiny-vocab152k (tiny with Qwen2.5-VL-3B's 151,936-token "
+                                "vocabulary) or a released model's architecture and vocabulary size, random weights "
+                                "(benchmarks)")
     dtype: str = _f("float32", choices=["float32", "bfloat16"], help="training and rollout dtype")
     attn_implementation: str = _f("auto", choices=["auto", "sdpa", "eager", "flash_attention_2"],
                                   help="auto = flash_attention_2 when flash-attn imports on CUDA, else sdpa")
     gradient_checkpointing: bool = _f(False)
-    # tiny model shape (used when path is null and architecture=tiny or tiny-vocab152k)
+    # tiny model shape (used when path is null and architecture is a tiny one); head size hidden_size / num_heads
     hidden_size: int = _f(96, low=8, help="head size hidden/num_heads: vLLM-CPU attention needs 32, 64, 80, 96, 112, 128+")
     num_layers: int = _f(2, low=1)
     num_heads: int = _f(3, low=1)
@@ -62,7 +76,8 @@ class DataConfig:
     task: str = _f("shape_color", choices=["shape_color", "shape_count", "shape_color_hint"],
                    help="generated vision task (shape_color_hint: the question carries a colour hint)")
     hint_accuracy: float = _f(0.7, low=0.0, high=1.0, help="shape_color_hint: probability that the hint is right")
-    image_size: int = _f(56, low=28, help="pixels per side; a multiple of 28")
+    image_size: int = _f(56, low=28, help="pixels per side; a multiple of the model's image-token size (28 px "
+                                          "Qwen2.5-VL, 32 px Qwen3-VL and Qwen3.5)")
     train_size: int = _f(4096, low=1)
     eval_size: int = _f(200, low=1)
     seed: int = _f(0)
@@ -114,7 +129,8 @@ class RolloutConfig:
 @dataclass
 class MaskConfig:
     ratio: float = _f(0.6, low=0.0, high=1.0, low_open=True, help="fraction of units blackened")
-    unit: str = _f("merge", choices=["merge", "patch"], help="merge = 2x2 patches (28 px), patch = 14 px")
+    unit: str = _f("merge", choices=["merge", "patch"], help="merge = 2x2 patches (one image token: 28 px "
+                                                             "Qwen2.5-VL, 32 px Qwen3-VL / Qwen3.5), patch = one patch")
     fill: str = _f("black", choices=["black", "mean", "noise"])
     space: str = _f("grid", choices=["grid", "raw"], help="grid = units of the processed patch grid; raw = "
                                                         "square_px squares of the raw image (the authors)")
@@ -431,8 +447,16 @@ def validate(cfg: Config) -> None:
     if cfg.model.path is not None and cfg.model.architecture != "tiny":
         raise ConfigError(f"model.architecture={cfg.model.architecture!r} with model.path set: a checkpoint brings its "
                           f"own architecture; set one or the other")
-    if cfg.model.path is None and cfg.data.image_size % 28 != 0:
-        raise ConfigError(f"data.image_size={cfg.data.image_size}: must be a multiple of 28 (2x2 patches of 14 px)")
+    from .families import family_for
+    # the model's family (a checkpoint of an unsupported model_type stops here); a folder without config.json is
+    # named by the command's own checks (papo eval: a training checkpoint, not a model directory)
+    if cfg.model.path is None or (Path(cfg.model.path) / "config.json").is_file():
+        family = family_for(cfg.model)
+        if cfg.model.path is None and cfg.data.image_size % family.unit_px != 0:
+            raise ConfigError(f"data.image_size={cfg.data.image_size}: must be a multiple of {family.unit_px} (2x2 "
+                              f"patches of {family.patch_size} px, one {family.label} image token)")
+        if cfg.rollout.backend == "native" and family.native_refusal:
+            raise ConfigError(family.native_refusal)
     for key in ("train_files", "eval_files"):
         for entry in getattr(cfg.data, key):
             if not Path(entry).exists():

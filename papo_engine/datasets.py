@@ -243,7 +243,8 @@ def prompt_length(question: str, image_sizes: list[tuple[int, int]], tokenizer, 
 
 
 def _prompt_length(question: str, image_sizes, tokenizer, geometry: _Geometry) -> int:
-    text_ids = tokenizer(chat_prompt(question, len(image_sizes)), add_special_tokens=False)["input_ids"]
+    text = chat_prompt(tokenizer, question, len(image_sizes))
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return len(text_ids) - len(image_sizes) + sum(geometry.image_tokens(w, h) for w, h in image_sizes)
 
 

@@ -54,7 +54,9 @@ def check_export_paths(checkpoint: Path, out_dir: Path) -> None:
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    """The model of the checkpoint's family (its hf/config.json model_type), saved with `save_pretrained`: the
+    folder loads with that family's `from_pretrained` (Qwen2_5_VL…, Qwen3VL…, Qwen3_5ForConditionalGeneration)."""
+    from .families import checkpoint_model_type, family_named
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     check_export_paths(checkpoint, out_dir)
     try:
@@ -66,9 +68,10 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     except (RuntimeError, OSError, ValueError, KeyError, EOFError) as err:
         why = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"papo export: {checkpoint}: its model state cannot be read ({why})") from None
-    config = Qwen2_5_VLConfig.from_pretrained(checkpoint / "hf")
+    family = family_named(checkpoint_model_type(checkpoint / "hf"), f"papo export: {checkpoint}")
+    config = family.config_class.from_pretrained(checkpoint / "hf")
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = family.model_class(config)
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:

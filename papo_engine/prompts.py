@@ -1,7 +1,10 @@
-"""Prompt layout for Qwen2.5-VL: the chat format, and `<|image_pad|>` expanded to one token per merged patch.
+"""Prompt layout for the Qwen-VL families: one user turn (images first, then the question and the answer-format
+instruction) rendered by the tokenizer's chat template, and `<|image_pad|>` expanded to one token per merged patch.
 
-Qwen2_5_VLProcessor cannot be constructed without torchvision (its video processor), so the expansion the
-processor would do is done here: each image contributes grid_t·grid_h·grid_w / merge_size² pad tokens.
+The chat template is the checkpoint's own (its tokenizer carries it); a model built from a config gets its family's
+(`families/`, written with `qwen_chat_template`). The Qwen processors cannot be constructed without torchvision
+(their video processors), so the expansion the processor would do is done here: each image contributes
+grid_t·grid_h·grid_w / merge_size² pad tokens.
 """
 from __future__ import annotations
 
@@ -20,12 +23,31 @@ FORMAT_INSTRUCTION = ("First think about the question inside <think> </think> ta
                       "then give the final answer inside \\boxed{}.")
 
 
-def chat_prompt(question: str, num_images: int = 1, system: str = SYSTEM_PROMPT) -> str:
-    """Qwen2.5-VL chat text for one user turn with images first, ending where the assistant starts."""
-    images = VISION_BLOCK * num_images
-    return (f"<|im_start|>system\n{system}<|im_end|>\n"
-            f"<|im_start|>user\n{images}{question} {FORMAT_INSTRUCTION}<|im_end|>\n"
-            f"<|im_start|>assistant\n")
+def chat_messages(question: str, num_images: int = 1) -> list[dict]:
+    """One user turn: the images, then the question and the answer-format instruction."""
+    return [{"role": "user", "content": [*({"type": "image"} for _ in range(num_images)),
+                                         {"type": "text", "text": f"{question} {FORMAT_INSTRUCTION}"}]}]
+
+
+def chat_prompt(tokenizer, question: str, num_images: int = 1) -> str:
+    """The chat text of one user turn with images first (one `<|image_pad|>` each), ending where the assistant
+    starts, as the tokenizer's chat template writes it."""
+    return tokenizer.apply_chat_template(chat_messages(question, num_images), tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def qwen_chat_template(default_system: str | None) -> str:
+    """The Qwen chat template for text and images (Jinja, as tokenizers carry it): `<|im_start|>role\n…<|im_end|>\n`
+    turns, each image as `<|vision_start|><|image_pad|><|vision_end|>`, and `default_system` as a system turn when
+    the conversation has none (Qwen2.5-VL's template adds "You are a helpful assistant."; Qwen3-VL's adds none)."""
+    system = ("{%- if messages[0]['role'] != 'system' -%}{{- '<|im_start|>system\\n" + default_system
+              + "<|im_end|>\\n' -}}{%- endif -%}") if default_system else ""
+    return (system + "{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+            "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+            "{%- for part in message['content'] -%}{%- if part['type'] == 'image' -%}{{- '" + VISION_BLOCK + "' -}}"
+            "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}{%- endfor -%}{%- endif -%}"
+            "{{- '<|im_end|>\\n' -}}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
 
 
 def vision_token_ids(tokenizer) -> list[int]:

@@ -20,6 +20,10 @@ from .config import Config, ConfigError
 from .data_sources import one_line
 
 _THINK_THEN_BOXED = re.compile(r"^\s*<think>.*?</think>\s*.*\\boxed\{.+\}\s*$", re.DOTALL)
+# a chat template that opens the think block itself (Qwen3-VL-Thinking's ends the prompt with "<think>\n"): the
+# response closes it, then answers (the authors' examples/reward_function/qwen3_vl_think.py, branch main_qwen3)
+_CLOSE_THINK_THEN_BOXED = re.compile(r".*</think>.*\\boxed\{.*\}.*", re.DOTALL)
+_SPACE_AROUND_TAG_CHARACTERS = re.compile(r"\s*(<|>|/)\s*")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
@@ -58,6 +62,15 @@ def accuracy_format_reward(response: str, answer: str, accuracy_weight: float = 
     accuracy = float(predicted is not None and answers_match(predicted, answer))
     fmt = float(format_ok(response))
     return {"reward": accuracy_weight * accuracy + format_weight * fmt, "accuracy": accuracy, "format": fmt}
+
+
+def think_opened_format_reward(response: str, answer: str, accuracy_weight: float = 0.9,
+                                format_weight: float = 0.1) -> dict[str, float]:
+    """`accuracy_format_reward` for prompts whose chat template opened the think block: the format is `</think>` then
+    `\\boxed{}` (after removing spaces around <, > and /, as the authors' Qwen3 reward does)."""
+    scored = accuracy_format_reward(response, answer, accuracy_weight, format_weight)
+    fmt = float(bool(_CLOSE_THINK_THEN_BOXED.fullmatch(_SPACE_AROUND_TAG_CHARACTERS.sub(r"\1", response))))
+    return {**scored, "reward": accuracy_weight * scored["accuracy"] + format_weight * fmt, "format": fmt}
 
 
 def load_reward_fn(dotted: str) -> Callable[..., dict[str, float]]:

@@ -9,7 +9,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from papo_engine.data import COLORS, SHAPES, question_texts
-from papo_engine.prompts import QWEN_SPECIAL_TOKENS, SYSTEM_PROMPT, chat_prompt
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from papo_engine.families.qwen2_5_vl import FAMILY as QWEN2_5_VL
+from papo_engine.prompts import QWEN_SPECIAL_TOKENS, SYSTEM_PROMPT, chat_messages
 
 OUT = Path(__file__).resolve().parents[1] / "papo_engine" / "assets" / "tokenizer"
 VOCAB_SIZE = 1024
@@ -25,7 +28,9 @@ How many shapes are in the image? There are two red circles and one blue square 
 def corpus():
     lines = [GENERAL, SYSTEM_PROMPT]
     for q in question_texts():
-        lines.append(chat_prompt(q).replace("<|image_pad|>", " "))
+        prompt = render_jinja_template([chat_messages(q)], chat_template=QWEN2_5_VL.chat_template,
+                                       add_generation_prompt=True)[0][0]
+        lines.append(prompt.replace("<|image_pad|>", " "))
     for c in COLORS:
         for s in SHAPES:
             lines.append(f"<think>I see a {s}.</think>\\boxed{{{c}}} The {s} is {c}.")

@@ -82,6 +82,16 @@ def test_fused_and_unfused_head_give_same_loss_gradients(tiny):
         assert torch.allclose(grads[True][1][name], g, rtol=1e-4, atol=1e-6), name
 
 
+def stats_and_gradients(model, batch):
+    """Both branches' token stats and every parameter's gradient of a loss that uses all four of them."""
+    model.zero_grad(set_to_none=True)
+    stats = response_token_stats(model, batch, both_branches=True, temperature=0.9)
+    loss = (stats["logprobs"].sum() - 0.3 * stats["kl"].sum() + 0.1 * stats["entropy"].sum()
+            + 0.5 * stats["masked_logprobs"].sum())
+    loss.backward()
+    return stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def _with_groups(batch, n):
     from dataclasses import replace
     groups = torch.arange(len(batch) // n).repeat_interleave(n)
@@ -94,12 +104,7 @@ def test_shared_prompt_forward_equals_the_full_forward_values_and_gradients(tiny
     model = tiny[3].train()
 
     def run(batch):
-        model.zero_grad(set_to_none=True)
-        stats = response_token_stats(model, batch, both_branches=True, temperature=0.9)
-        loss = (stats["logprobs"].sum() - 0.3 * stats["kl"].sum() + 0.1 * stats["entropy"].sum()
-                + 0.5 * stats["masked_logprobs"].sum())
-        loss.backward()
-        return stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return stats_and_gradients(model, batch)
 
     plain = _batch(tiny, prompts=3, n=3)
     grouped = _with_groups(plain, 3)

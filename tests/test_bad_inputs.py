@@ -217,11 +217,13 @@ def test_parquet_rows_counted_from_1(tiny, tmp_path, caplog):
 
 
 def _tokenizer_dir(tmp_path, renamed: str):
-    """The shipped tokenizer with `renamed` spelled differently: same ids, that token absent."""
+    """The shipped tokenizer with `renamed` spelled differently: same ids, that token absent; a config.json naming
+    the family, whose chat template the tokenizer (it has none) gets."""
     folder = tmp_path / "tok"
     folder.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (folder / name).write_text((TOKENIZER_DIR / name).read_text().replace(renamed, "<|reserved_0|>"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
     return folder
 
 

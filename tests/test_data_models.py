@@ -36,8 +36,8 @@ def test_count_task_answers_match_drawn_shapes():
     assert {ds[i].answer for i in range(30)} <= set(ANSWERS["shape_count"])
 
 
-def test_expand_image_pads_counts():
-    text = chat_prompt("q?", num_images=2)
+def test_expand_image_pads_counts(tiny):
+    text = chat_prompt(tiny[1], "q?", num_images=2)
     out = expand_image_pads(text, [3, 5])
     assert out.count("<|image_pad|>") == 8
     with pytest.raises(ValueError, match="2 <|image_pad|> placeholders but 1 images".replace("|", "\\|")):

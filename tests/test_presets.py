@@ -4,7 +4,8 @@ the presets load, PAPO-G / PAPO-D run 2 steps on the tiny model, and DAPO dynami
 
 The authors' code: MikeWangWZHL/PAPO @ fb63bf4 (an EasyR1 / verl fork). "script" below means the preset's own
 launch script under examples/papo_grpo/ or examples/papo_dapo/, "config" the examples/configs/config_*.yaml it
-passes, "verl" the dataclass defaults under verl/ that neither overrides.
+passes, "verl" the dataclass defaults under verl/ that neither overrides. The Qwen3-VL preset (and the Qwen3.5 one,
+which borrows it) comes from their branch main_qwen3 @ 1263a29.
 """
 import functools
 import json
@@ -37,6 +38,9 @@ SCRIPTS = {
     "papo_d_7b": ("examples/papo_dapo/qwen2_5_vl_7b_dapo_papo.sh", "config_dapo_papo.yaml"),
     "grpo_3b": ("examples/papo_grpo/qwen2_5_vl_3b_grpo.sh", "config_grpo.yaml"),
     "dapo_3b": ("examples/papo_dapo/qwen2_5_vl_3b_dapo.sh", "config_dapo.yaml"),
+    # the authors' Qwen3 branch (main_qwen3 @ 1263a29); Qwen3.5 has no recipe of theirs: its preset takes this one's
+    "papo_g_qwen3vl_2b": ("main_qwen3:examples/papo_grpo/qwen3_vl_2b_grpo_papo.sh", "config_grpo_papo.yaml"),
+    "papo_g_qwen35_4b": ("main_qwen3:examples/papo_grpo/qwen3_vl_2b_grpo_papo.sh", "config_grpo_papo.yaml"),
 }
 
 # (key, the authors' value, where) — the same in every preset
@@ -51,8 +55,8 @@ COMMON = [
     ("trainer.prompts_per_step", 384, "script ROLLOUT_BATCH_SIZE"),
     ("trainer.mini_batch_prompts", 128, "script GLOBAL_BATCH_SIZE"),
     ("trainer.micro_batch_size", 4, "config worker.actor.micro_batch_size_per_device_for_update"),
-    ("reward.accuracy_weight", 0.9, "examples/reward_function/math.py compute_score (1 - format_weight)"),
-    ("reward.format_weight", 0.1, "examples/reward_function/math.py compute_score format_weight"),
+    ("reward.accuracy_weight", 0.9, "examples/reward_function/*.py compute_score (1 - format_weight)"),
+    ("reward.format_weight", 0.1, "examples/reward_function/*.py compute_score format_weight"),
     ("optim.lr", 1e-6, "config worker.actor.optim.lr"),
     ("optim.weight_decay", 0.01, "config worker.actor.optim.weight_decay"),
     ("optim.grad_clip", 1.0, "config worker.actor.max_grad_norm"),
@@ -102,6 +106,14 @@ PER_SCRIPT = {
                 "algo.gamma": 0.0, "algo.eta_orig": 0.0, "algo.eta_mask": 0.0, "algo.dynamic_sampling": True,
                 "algo.dynamic_sampling_metric": "accuracy", "algo.dynamic_sampling_max_rounds": 20,
                 "algo.official": False, "algo.perception_kl_clamp": None},
+    "papo_g_qwen3vl_2b": {"model.path": "Qwen3-VL-2B-Thinking", "algo.clip_ratio_high": 0.3,
+                          "algo.ref_kl_coef": 0.01, "algo.gamma": 0.01, "algo.eta_orig": 0.0, "algo.eta_mask": 0.0,
+                          "algo.dynamic_sampling": False, "algo.official": False,
+                          "reward.function": "papo_engine.rewards.think_opened_format_reward"},
+    # model.path is not theirs (no Qwen3.5 run of theirs); rollout.backend=hf is ours (native refused for Qwen3.5)
+    "papo_g_qwen35_4b": {"algo.clip_ratio_high": 0.3, "algo.ref_kl_coef": 0.01, "algo.gamma": 0.01,
+                         "algo.eta_orig": 0.0, "algo.eta_mask": 0.0, "algo.dynamic_sampling": False,
+                         "algo.official": False, "reward.function": "papo_engine.rewards.think_opened_format_reward"},
     # the authors' computation on top of their PAPO-G 3B values (what algo.official pins: tests/test_official.py)
     "papo_g_3b_official": {"model.path": "Qwen2.5-VL-3B-Instruct", "algo.clip_ratio_high": 0.3,
                            "algo.ref_kl_coef": 0.01, "algo.gamma": 0.02, "algo.eta_orig": 0.0, "algo.eta_mask": 0.0,
@@ -119,10 +131,12 @@ WHERE = {"algo.dynamic_sampling_metric": "script algorithm.filter_key=accuracy (
          "model.path": "script MODEL_PATH",
          "algo.masked_grad": "verl/workers/actor/dp_actor.py RECOMPUTE_AUG_LOG_PROBS=False",
          "algo.official": "this project's switch for the authors' computation",
-         "algo.perception_kl_clamp": "verl use_kl_prcp_clipping: false, enabled by no script"}
+         "algo.perception_kl_clamp": "verl use_kl_prcp_clipping: false, enabled by no script",
+         "reward.function": "script REWARD_FUNCTION qwen3_vl_think.py: format </think> then \\boxed{}"}
 # Where a preset departs from the authors' value on purpose, with the measurement that made it: (key, ours, theirs)
 OURS = {preset: [("algo.perception_kl_clamp", 0.2, None)] for preset in
-        ("papo_g_3b", "papo_g_7b", "papo_g_3b_no_ref_kl", "papo_g_7b_no_ref_kl", "papo_d_3b", "papo_d_7b")}
+        ("papo_g_3b", "papo_g_7b", "papo_g_3b_no_ref_kl", "papo_g_7b_no_ref_kl", "papo_d_3b", "papo_d_7b",
+         "papo_g_qwen3vl_2b", "papo_g_qwen35_4b")}
 WHY_OURS = ("our computation (gradient through both branches) without the [0, c] clamp ran the perception KL away "
             "on the hint task (docs/results.md, the computation study); verl use_kl_prcp_clipping: false")
 TABLE = [(preset, key, value, f"{SCRIPTS[preset][0]} [{SCRIPTS[preset][1]}]: {where}")

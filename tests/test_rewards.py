@@ -1,7 +1,8 @@
 import pytest
 
 from papo_engine.answers import answers_match
-from papo_engine.rewards import accuracy_format_reward, extract_answer, extract_boxed, format_ok, load_reward_fn
+from papo_engine.rewards import (accuracy_format_reward, extract_answer, extract_boxed, format_ok, load_reward_fn,
+                                 think_opened_format_reward)
 from papo_engine.config import ConfigError
 
 
@@ -43,6 +44,19 @@ def test_answers_match(a, b, same):
 def test_accuracy_format_reward(response, answer, reward, acc, fmt):
     out = accuracy_format_reward(response, answer)
     assert out["reward"] == pytest.approx(reward) and out["accuracy"] == acc and out["format"] == fmt
+
+
+@pytest.mark.parametrize("response, reward, fmt", [
+    ("look at it</think>\\boxed{red}", 1.0, 1.0),            # the template opened <think>: closed, then boxed
+    ("<think>look</think> so \\boxed{red}.", 1.0, 1.0),      # a response that opens it itself
+    ("look < / think > \\boxed{red}", 1.0, 1.0),             # spaces around <, > and / removed (the authors')
+    ("look \\boxed{red}", 0.9, 0.0),                         # never closed
+    ("look</think>\\boxed{blue}", 0.1, 1.0),
+])
+def test_think_opened_format_reward_is_the_authors_qwen3_format(response, reward, fmt):
+    out = think_opened_format_reward(response, "red")
+    assert out["reward"] == pytest.approx(reward) and out["format"] == fmt
+    assert out["accuracy"] == accuracy_format_reward(response, "red")["accuracy"]
 
 
 def test_weights_are_respected():

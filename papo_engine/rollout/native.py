@@ -1,5 +1,6 @@
-"""Our own rollout for Qwen2.5-VL (`rollout.backend=native`): generation with the trainer's module, without HF
-`generate`.
+"""Our own rollout for Qwen2.5-VL and Qwen3-VL (`rollout.backend=native`): generation with the trainer's module,
+without HF `generate`. Qwen3.5 is refused (its family's `native_refusal`: the decode step has no linear-attention
+layers).
 
 Per call of `batch_size` sequences:
 1. prefill once per distinct prompt: the vision encoder and the prompt forward run on the B prompts, not on their
@@ -29,6 +30,8 @@ import torch
 
 from ..actor import prefill, prompt_positions
 from ..batching import select_prompts
+from ..config import ConfigError
+from ..families import family_of
 from ..models import PromptBatch
 from ..prompts import vision_token_ids
 from .base import RolloutOutput, SamplingParams, imposed_lengths, response_keys, response_mask_from_ids
@@ -47,6 +50,9 @@ def _gathered(params: list[torch.nn.Parameter]):
 
 class NativeRollout:
     def __init__(self, model, tokenizer, batch_size: int, cuda_graphs: bool = True):
+        refusal = family_of(model).native_refusal
+        if refusal:
+            raise ConfigError(refusal)
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.suppress = torch.tensor(vision_token_ids(tokenizer), dtype=torch.long)  # a sampled image pad has no
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id           # image features behind it

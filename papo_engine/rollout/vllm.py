@@ -50,6 +50,7 @@ import torch
 
 from ..batching import select_prompts
 from ..config import Config, ConfigError
+from ..families import family_for
 from ..models import PromptBatch
 from ..prompts import vision_token_ids
 from .base import RolloutOutput, SamplingParams, imposed_lengths, response_mask_from_ids
@@ -161,7 +162,7 @@ class VLLMRollout:
     def __init__(self, cfg: Config, tokenizer, *, rank: int = 0, vllm_module=None,
                  max_images_per_prompt: int = 4, engine_kwargs: dict | None = None):
         if not cfg.model.path:
-            raise ConfigError("rollout.backend='vllm' needs model.path: a local Hugging Face Qwen2.5-VL directory "
+            raise ConfigError("rollout.backend='vllm' needs model.path: a local Hugging Face model directory "
                               "(vLLM builds its engine from it; the tiny built-in model has none)")
         # external_launcher asserts it: the engine core must run in this process, not a child
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -194,11 +195,19 @@ class VLLMRollout:
             kwargs["enforce_eager"] = True
         if cfg.rollout.kv_cache_mb > 0:
             kwargs["kv_cache_memory_bytes"] = cfg.rollout.kv_cache_mb * 2**20
+        if self.on_cpu and family_for(cfg.model).recurrent_layers and cfg.model.dtype != "bfloat16":
+            raise ConfigError(f"rollout.backend='vllm' on CPU runs {family_for(cfg.model).label}'s Gated DeltaNet layers "
+                              f"in bfloat16 only: set model.dtype=bfloat16 (now {cfg.model.dtype}) or "
+                              f"rollout.backend=hf")
         if self.on_cpu:
             # OpenMP thread binding stalls ~0.2 s per decode step on small machines (460 vs 11,060 tok/s, 2 cores)
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
             kwargs.update(enable_chunked_prefill=False,
                           max_num_batched_tokens=max(CPU_MAX_BATCHED_TOKENS, kwargs.get("max_model_len", 0)))
+            if family_for(cfg.model).recurrent_layers:
+                # vLLM caches prefixes of recurrent-state layers only in its 'align' mode, which needs chunked
+                # prefill: without prefix caching, each of a prompt's n samples prefills it
+                kwargs["enable_prefix_caching"] = False
         kwargs.update(engine_kwargs or {})
         with preserved_global_rng():
             self.llm = vllm.LLM(model=cfg.model.path, **kwargs)
