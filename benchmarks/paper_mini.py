@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_device import device_name  # noqa: E402
+from bench_device import device_name, write_results  # noqa: E402
 from shapes import PAPER_MINI  # noqa: E402
 from throughput import sigma_suffix  # noqa: E402
 
@@ -183,11 +183,8 @@ def main() -> int:
         measure(args.only, output, args.trl_python)
     report = summarize(output)
     stem = output / f"paper_mini_{report['device']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    text = table(report)
-    stem.with_suffix(".md").write_text(text)
+    write_results(stem, report, table(report))
     plot(report, stem.with_suffix(".png"))
-    print(text)
     return 0
 
 

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from before import Before  # noqa: E402
 from shapes import SHAPES  # noqa: E402
-from throughput import device_name, write_results  # noqa: E402
+from bench_device import device_name, write_results  # noqa: E402
 
 BACKENDS = ["native", "native_before", "hf", "vllm"]
 

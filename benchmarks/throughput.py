@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import statistics
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 
 from papo_engine.config import official_overrides
 
-from bench_device import device_name  # benchmarks/ is on sys.path: these run as scripts
+from bench_device import device_name, write_results  # benchmarks/ is on sys.path: these run as scripts
 from shapes import SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,14 +181,6 @@ def main() -> None:
     }
     suffix = ("" if args.shape == "tiny" else f"_{args.shape}") + ("" if args.sigma is None else sigma_suffix(args.sigma))
     write_results(Path(args.output) / f"throughput_{report['device']}{suffix}", report, table(report))
-
-
-def write_results(stem: Path, report: dict, table_text: str) -> None:
-    """`stem`.json (the report) and `stem`.md (its table), and the table on stdout."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(table_text)
-    print(table_text)
 
 
 def table(report: dict) -> str:

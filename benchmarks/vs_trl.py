@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_device import device_name  # benchmarks/ is on sys.path: these run as scripts
+from bench_device import device_name, write_results  # benchmarks/ is on sys.path: these run as scripts
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -362,14 +362,9 @@ def main() -> int:
     report["runs"] = [{k: r[k] for k in ("config", "repeat", "mode", "step_s", "tokens_per_s", "peak_rss_mb",
                                          "wall_s", "fixed_length", "malloc_env")}
                       | {"step_seconds": [s["seconds"] for s in r["steps"]]} for r in runs]
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"vs_trl_{report['meta']['device']}{args.suffix}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    text = table(report)
-    stem.with_suffix(".md").write_text(text)
+    stem = Path(args.output) / f"vs_trl_{report['meta']['device']}{args.suffix}"
+    write_results(stem, report, table(report))
     chart(report, stem.with_suffix(".png"))
-    print(text)
     print(f"vs_trl: wrote {stem}.json, .md, .png ({report['meta']['wall_s']:.0f} s)")
     return 0
 

@@ -13,8 +13,8 @@ from transformers import DynamicCache, Qwen3_5Config, Qwen3_5ForConditionalGener
 from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionLayer
 
 from ..config import ModelConfig
-from ..prompts import qwen_chat_template
-from .base import TINY_MAX_POSITIONS, ModelFamily, mrope_sections, tiny_vocab_size
+from .base import TINY_MAX_POSITIONS, mrope_sections, tiny_vocab_size
+from .qwen3_vl import Qwen3VisionSide
 
 LINEAR, FULL = "linear_attention", "full_attention"
 FULL_ATTENTION_INTERVAL = 4
@@ -67,17 +67,13 @@ class PromptStates(LinearAttentionLayer):
         return recurrent_states
 
 
-class Qwen35(ModelFamily):
+class Qwen35(Qwen3VisionSide):
     model_type = "qwen3_5"
     label = "Qwen3.5"
     model_class = Qwen3_5ForConditionalGeneration
     config_class = Qwen3_5Config
     tiny_architectures = ("tiny-qwen3.5",)
     released = RELEASED
-    patch_size = 16
-    image_mean = (0.5, 0.5, 0.5)
-    image_std = (0.5, 0.5, 0.5)
-    chat_template = qwen_chat_template(None)
     recurrent_layers = True
     native_refusal = ("rollout.backend=native: Qwen3.5's linear-attention (Gated DeltaNet) layers decode from a "
                       "recurrent state the native decode step does not implement; use rollout.backend=hf")

@@ -22,17 +22,22 @@ RELEASED = {
 TINY_POSITION_EMBEDDINGS = 256  # a 16 × 16 grid of learned vision positions, interpolated to each image's grid
 
 
-class Qwen3VL(ModelFamily):
+class Qwen3VisionSide(ModelFamily):
+    """What Qwen3-VL and Qwen3.5 share before the text decoder: the image processor's grid and normalization, and
+    the chat template without a default system turn."""
+    patch_size = 16
+    image_mean = (0.5, 0.5, 0.5)
+    image_std = (0.5, 0.5, 0.5)
+    chat_template = qwen_chat_template(None)
+
+
+class Qwen3VL(Qwen3VisionSide):
     model_type = "qwen3_vl"
     label = "Qwen3-VL"
     model_class = Qwen3VLForConditionalGeneration
     config_class = Qwen3VLConfig
     tiny_architectures = ("tiny-qwen3-vl",)
     released = RELEASED
-    patch_size = 16
-    image_mean = (0.5, 0.5, 0.5)
-    image_std = (0.5, 0.5, 0.5)
-    chat_template = qwen_chat_template(None)
     decode_qk_norm = True
 
     def tiny_config(self, mcfg: ModelConfig, tokenizer) -> Qwen3VLConfig:

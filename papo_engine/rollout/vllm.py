@@ -195,16 +195,16 @@ class VLLMRollout:
             kwargs["enforce_eager"] = True
         if cfg.rollout.kv_cache_mb > 0:
             kwargs["kv_cache_memory_bytes"] = cfg.rollout.kv_cache_mb * 2**20
-        if self.on_cpu and family_for(cfg.model).recurrent_layers and cfg.model.dtype != "bfloat16":
-            raise ConfigError(f"rollout.backend='vllm' on CPU runs {family_for(cfg.model).label}'s Gated DeltaNet layers "
-                              f"in bfloat16 only: set model.dtype=bfloat16 (now {cfg.model.dtype}) or "
-                              f"rollout.backend=hf")
+        family = family_for(cfg.model)
+        if self.on_cpu and family.recurrent_layers and cfg.model.dtype != "bfloat16":
+            raise ConfigError(f"rollout.backend='vllm' on CPU runs {family.label}'s Gated DeltaNet layers in bfloat16 "
+                              f"only: set model.dtype=bfloat16 (now {cfg.model.dtype}) or rollout.backend=hf")
         if self.on_cpu:
             # OpenMP thread binding stalls ~0.2 s per decode step on small machines (460 vs 11,060 tok/s, 2 cores)
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
             kwargs.update(enable_chunked_prefill=False,
                           max_num_batched_tokens=max(CPU_MAX_BATCHED_TOKENS, kwargs.get("max_model_len", 0)))
-            if family_for(cfg.model).recurrent_layers:
+            if family.recurrent_layers:
                 # vLLM caches prefixes of recurrent-state layers only in its 'align' mode, which needs chunked
                 # prefill: without prefix caching, each of a prompt's n samples prefills it
                 kwargs["enable_prefix_caching"] = False
