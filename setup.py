@@ -25,6 +25,8 @@ CPU_STACK = [
     "datasets==5.2.0",
     "pyarrow==26.0.1",
     "math-verify==0.9.0",
+    # LoRA (model.lora.*, papo_engine/lora.py)
+    "peft==0.21.0",
 ]
 
 setup(

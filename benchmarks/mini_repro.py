@@ -58,12 +58,14 @@ METHODS = {
     # papo_g_7b's double entropy; the presets now clamp (configs/papo_g_3b.yaml)
     "papo_g_presets": ["algo.perception_kl_clamp=null"],
     "papo_g_presets_eta": ["algo.perception_kl_clamp=null", "algo.eta_orig=0.05", "algo.eta_mask=0.05"],
+    "papo_g_nograd_clamp": ["algo.masked_grad=false"],                        # masked branch no-grad, clamp 0.2
 }
 DEFAULT_METHODS = ["grpo", "papo_g"]
 CHANCE = 0.25  # 4 colours
 COLLAPSE_AFTER = 100  # a run collapsed if both held-out splits are at or below chance at an evaluation after this step
 RUNAWAY_NATS = 5.0  # the perception KL ran away if held-out reliance (mean KL per token, nats) ever exceeds this
 BREAK_FORMAT = 0.5  # a training batch broke the format if fewer than this fraction of its responses kept think/box
+REACHED = 0.9  # "steps to reach": the first evaluation with hint-wrong accuracy at or above this
 SPLITS = ("hint_right", "hint_wrong")
 # no checkpoints, plots or W&B: the JSON is the record. The warm-start is the default one: it leaves the colour
 # readable at the answer position, as in a pretrained VLM, and teaches neither the colour-to-answer mapping nor to
@@ -72,7 +74,8 @@ SPLITS = ("hint_right", "hint_wrong")
 COMMON = ["trainer.save_every=0", "trainer.save_final=false", "logging.wandb=false", "logging.plot=false",
           "trainer.eval_every=0", "trainer.eval_samples=1"]
 TRAIN_KEYS = ("reward", "accuracy", "format", "perception_kl", "perception_reliance_mean", "entropy", "response_length",
-              "grad_norm", "lr", "update/pg_clipfrac", "update/ppo_kl", "time/step")  # what an early collapse shows
+              "grad_norm", "lr", "update/pg_clipfrac", "update/ppo_kl", "time/step",  # what an early collapse shows
+              "time/old_logprobs", "time/update")  # the training side of a step (its cost beside GRPO's)
 EVAL_KEY_OFFSET = 10_000_000  # mask keys of held-out items, far from any training prompt's key
 EVAL_MASK_SEED = 0
 
@@ -206,6 +209,19 @@ def kl_ran_away(run: dict) -> bool:
     return any(point[name]["reliance_mean"] > RUNAWAY_NATS for point in run["curve"] for name in SPLITS)
 
 
+def steps_to_reach(run: dict, split: str = "hint_wrong", level: float = REACHED) -> int | None:
+    """The step of the first evaluation whose `split` accuracy is at least `level` (None: never within the run)."""
+    return next((point["step"] for point in run["curve"] if point[split]["accuracy"] >= level), None)
+
+
+def step_seconds(run: dict) -> dict:
+    """Median seconds per step over the run's steps after the first 10 (allocations): the whole step, and its
+    training side (old log-probs + update: what the PAPO computation changes; the rollout does not depend on it)."""
+    rows = run["train"][10:] or run["train"]
+    return {"step": statistics.median(r["time/step"] for r in rows),
+            "training_side": statistics.median(r.get("time/old_logprobs", 0.0) + r["time/update"] for r in rows)}
+
+
 def summarize(runs: list[dict]) -> dict:
     summary = {}
     for method in dict.fromkeys(r["method"] for r in runs):
@@ -219,6 +235,20 @@ def summarize(runs: list[dict]) -> dict:
         summary[method]["collapsed_seeds"] = [r["seed"] for r in mine if collapsed(r)]
         summary[method]["kl_runaway_seeds"] = [r["seed"] for r in mine if kl_ran_away(r)]
         summary[method]["broken_format_batches"] = [len(broken_steps(r)) for r in mine]
+        summary[method]["steps_to_reach_hint_wrong"] = [steps_to_reach(r) for r in mine]
+        if all("time/update" in row for r in mine for row in r["train"]):
+            times = [step_seconds(r) for r in mine]
+            summary[method]["step_s"] = _spread([t["step"] for t in times])
+            summary[method]["training_side_s"] = _spread([t["training_side"] for t in times])
+    if "grpo" in summary and "step_s" in summary["grpo"]:  # cost beside GRPO, paired by seed
+        base = {r["seed"]: step_seconds(r) for r in runs if r["method"] == "grpo"}
+        for method in summary:
+            mine = [r for r in runs if r["method"] == method and r["seed"] in base]
+            if method != "grpo" and "step_s" in summary[method] and mine:
+                summary[method]["step_over_grpo"] = _spread(
+                    [step_seconds(r)["step"] / base[r["seed"]]["step"] for r in mine])
+                summary[method]["training_side_over_grpo"] = _spread(
+                    [step_seconds(r)["training_side"] / base[r["seed"]]["training_side"] for r in mine])
     seeds = {r["seed"] for r in runs}
     summary["same_warm_start_per_seed"] = all(len({r["warm_start_checksum"] for r in runs if r["seed"] == s}) == 1
                                               for s in seeds)
@@ -281,6 +311,18 @@ def table(report: dict) -> str:
               "| method | collapsed | KL ran away | broken-format batches |", "|---|---|---|---|"]
     lines += [f"| {m} | {s[m]['collapsed_seeds'] or 'none'} | {s[m]['kl_runaway_seeds'] or 'none'} | "
               f"{s[m]['broken_format_batches']} |" for m in report["methods"]]
+    if any("step_s" in s[m] for m in report["methods"]):
+        def cell(v, unit=""):
+            return f"{v['mean']:.3f}{unit} ± {v['std']:.3f}" if v else "–"
+        lines += ["", f"Speed: steps to reach {REACHED} hint-wrong accuracy (first evaluation at or above it, per "
+                  f"seed; None = not within the run); median step time and its training side (old log-probs + "
+                  f"update) after the first 10 steps, mean ± std over seeds, and paired by seed ÷ GRPO's (runs "
+                  f"{report.get('jobs', '?')} at a time, {report.get('torch_threads', '?')} torch thread(s) each):", "",
+                  "| method | steps to reach | step (s) | training side (s) | step ÷ GRPO | training side ÷ GRPO |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {m} | {s[m]['steps_to_reach_hint_wrong']} | {cell(s[m].get('step_s'))} | "
+                  f"{cell(s[m].get('training_side_s'))} | {cell(s[m].get('step_over_grpo'), '×')} | "
+                  f"{cell(s[m].get('training_side_over_grpo'), '×')} |" for m in report["methods"]]
     lines += ["", "Per seed (final): accuracy hint-right / hint-wrong, training reward over the last 20% of steps:", "",
               "| method | seed | hint-right acc | hint-wrong acc | hint-wrong followed | train reward | minutes |",
               "|---|---|---|---|---|---|---|"]
@@ -342,6 +384,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=0, help="runs at once (default: one per core, up to the runs)")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "SEED", "RESULT_JSON"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for mini_repro_<device>.{json,md,png}")
+    parser.add_argument("--variant", default="", help="a name for the task variant (--rho, --steps, overrides): the "
+                                                      "files are mini_repro_<variant>_<device>.*")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="instead of running: one record from earlier mini_repro JSONs of the same settings")
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value) for every run")
@@ -359,7 +403,7 @@ def main() -> None:
             Path(result).write_text(json.dumps(run_one(method, int(seed), args, out_root)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"mini_repro_{device_name()}"
+    stem = args.out / f"mini_repro_{args.variant + '_' if args.variant else ''}{device_name()}"
     if args.merge:
         try:
             report = merge([(str(path), json.loads(path.read_text())) for path in args.merge])
@@ -368,6 +412,7 @@ def main() -> None:
         report["command"] = " ".join(sys.argv)
         return write(report, stem)
     report = {"device": device_name(), "platform": platform.platform(), "command": " ".join(sys.argv),
+              "variant": args.variant,
               "steps": args.steps, "stop_after": args.stop_after, "seeds": args.seeds, "methods": args.methods, "rho": args.rho,
               "prompts_per_step": args.prompts, "eval_samples": args.eval_samples, "eval_every": args.eval_every,
               "runs": []}

@@ -7,6 +7,8 @@ checkpoint, prompts and keys, in one run.
     python benchmarks/rollout.py --shape paper-mini --backends native native_before hf vllm
         # a real run's proportions and long-tailed lengths (benchmarks/shapes.py); native_before: the native decode
         # of the code before the length-aware round (benchmarks/before.py), in a worker process
+    python benchmarks/rollout.py --shape tiny-vocab152k --backends native hf native_lora hf_lora hf_lora_merged
+        # LoRA: adapters folded per rollout (native), applied in each layer (hf_lora), merged for the call (TRL's way)
 
 A paper-mini shape sets the prompts, n, the cap and each response's length (imposed by key, the same for every
 backend; recorded in the JSON); the tiny shapes let responses end at eos.
@@ -38,7 +40,11 @@ from before import Before  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 from bench_device import device_name, write_results  # noqa: E402
 
-BACKENDS = ["native", "native_before", "hf", "vllm"]
+BACKENDS = ["native", "native_before", "hf", "vllm", "native_lora", "hf_lora", "hf_lora_merged"]
+# *_lora: the model with LoRA adapters (rank --lora-rank, alpha 2·rank, the language model's projections, B drawn so
+# they change the outputs): native folds them into its weights once per rollout; hf_lora applies them in each layer
+# (peft's forward); hf_lora_merged merges them into the weights for the rollout and unmerges after (peft's in-place
+# merge, as TRL does before generating), both in the timing
 
 
 def build(args, model_dir: str):
@@ -65,6 +71,11 @@ def build(args, model_dir: str):
     backends = {"native": lambda: NativeRollout(model, tokenizer, batch_size=rows),
                 "hf": lambda: HFRollout(model, tokenizer, batch_size=rows),
                 "native_before": lambda: BeforeRollout(args, model_dir, overrides)}
+    if any(name.endswith(("_lora", "_lora_merged")) for name in args.backends):
+        adapted = adapted_model(model, args.lora_rank, model_dir)
+        backends.update(native_lora=lambda: NativeRollout(adapted, tokenizer, batch_size=rows),
+                        hf_lora=lambda: HFRollout(adapted, tokenizer, batch_size=rows),
+                        hf_lora_merged=lambda: MergedForRollout(HFRollout(adapted, tokenizer, batch_size=rows)))
     if "vllm" in args.backends:
         from papo_engine.rollout.vllm import VLLMRollout
         cfg.model.path, cfg.rollout.backend = model_dir, "vllm"
@@ -76,6 +87,37 @@ def build(args, model_dir: str):
         engine = {"mm_processor_cache_gb": 1} if SHAPES[args.shape].lengths else None
         backends["vllm"] = lambda: VLLMRollout(cfg, tokenizer, engine_kwargs=engine)
     return cfg, prompts, {name: backends[name]() for name in args.backends}
+
+
+def adapted_model(model, rank: int, base_dir: str):
+    import copy
+    import torch
+    from papo_engine import lora
+    from papo_engine.config import LoraSettings
+    adapted = lora.apply_lora(copy.deepcopy(model), LoraSettings(rank=rank, alpha=2.0 * rank), Path(base_dir)).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+    return adapted
+
+
+class MergedForRollout:
+    """HF generate on weights with the adapters merged in place for the call, unmerged after (both timed)."""
+
+    def __init__(self, rollout):
+        from papo_engine import lora
+        self.rollout, self.layers = rollout, list(lora.adapted_layers(rollout.model).values())
+
+    def generate(self, prompts, sampling, prompt_keys):
+        for layer in self.layers:
+            layer.merge()
+        try:
+            return self.rollout.generate(prompts, sampling, prompt_keys=prompt_keys)
+        finally:
+            for layer in self.layers:
+                layer.unmerge()
 
 
 class BeforeRollout:
@@ -118,6 +160,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds per backend (the first is dropped)")
     parser.add_argument("--eager", action="store_true", help="vLLM without torch.compile (faster start, slower run)")
     parser.add_argument("--kv-cache-mb", type=int, default=256)
+    parser.add_argument("--lora-rank", type=int, default=16, help="the *_lora backends' adapter rank")
     parser.add_argument("--backends", nargs="+", default=["native", "hf", "vllm"], choices=BACKENDS)
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("overrides", nargs="*", help="config overrides (model shape, dtype, ...)")
@@ -156,8 +199,10 @@ def main() -> None:
                                    **({"row_steps": out.row_steps} if out.row_steps else {})})
                 print(f"round {r} {name}: {tokens} tokens in {seconds:.3f} s ({tokens / seconds:.0f} tok/s)",
                       flush=True)
-            for name in identical:
-                identical[name].append(bool(torch.equal(ids[name], ids["hf"])))
+            for name in identical:  # a LoRA backend against HF generate on the adapted model
+                reference = "hf_lora" if "lora" in name and "hf_lora" in ids else "hf"
+                if name != reference:
+                    identical[name].append(bool(torch.equal(ids[name], ids[reference])))
         for backend in backends.values():
             if isinstance(backend, BeforeRollout):
                 backend.worker.close()
@@ -175,10 +220,13 @@ def main() -> None:
             summary[f"{name}_row_utilization"] = statistics.median(x["tokens"] / x["row_steps"] for x in kept[name])
     if "vllm" in names and "native" in names:
         summary["native_over_vllm_rollout_tokens_per_s"] = paired("native", "vllm")
+    for name, base in (("native_lora", "hf_lora"), ("hf_lora_merged", "hf_lora"), ("native_lora", "native")):
+        if name in names and base in names:
+            summary[f"{name}_over_{base}_rollout_tokens_per_s"] = paired(name, base)
     if "native_before" in names:
         summary["native_over_native_before_rollout_tokens_per_s"] = paired("native", "native_before")
     for name, same in identical.items():
-        if name != "vllm":  # vLLM samples with its own generators: other tokens, the same lengths when imposed
+        if name != "vllm" and same:  # vLLM samples with its own generators: other tokens, the same lengths when imposed
             summary[f"{name}_tokens_identical_to_hf"] = all(same)
     lengths = imposed_lengths(sampling, keys)
     versions = {"torch": torch.__version__}
@@ -194,7 +242,7 @@ def main() -> None:
         "threads": torch.get_num_threads(), "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
         "runs": rows, "summary": summary,
     }
-    suffix = "" if args.shape == "tiny" else f"_{args.shape}"
+    suffix = ("" if args.shape == "tiny" else f"_{args.shape}") + ("_lora" if any("lora" in n for n in names) else "")
     write_results(Path(args.output) / f"rollout_{report['device']}{suffix}", report, table(report))
 
 
@@ -212,7 +260,8 @@ def table(report: dict) -> str:
              "| backend | tokens/s (median) | seconds per rollout (median) | / HF (median of paired rounds) | "
              "row utilization |", "|---|---|---|---|---|"]
     labels = {"native": "native (ours)", "native_before": "native before (1d94ad1)", "hf": "HF generate",
-              "vllm": "vLLM"}
+              "vllm": "vLLM", "native_lora": "native, LoRA folded per rollout", "hf_lora": "HF generate, LoRA in "
+              "each layer", "hf_lora_merged": "HF generate, LoRA merged for the call"}
     for name in report["backends"]:
         runs = report["runs"][name][1:]
         ratio = "1" if name == "hf" else f"**{s[f'{name}_over_hf_rollout_tokens_per_s']:.2f}x**"
@@ -220,12 +269,15 @@ def table(report: dict) -> str:
         lines.append(f"| {labels[name]} | {s[f'{name}_rollout_tokens_per_s']:.0f} | "
                      f"{statistics.median(x['seconds'] for x in runs):.3f} | {ratio} | "
                      f"{'' if utilization is None else f'{utilization:.2f}'} |")
-    for key in ("native_over_vllm_rollout_tokens_per_s", "native_over_native_before_rollout_tokens_per_s"):
+    for key in ("native_over_vllm_rollout_tokens_per_s", "native_over_native_before_rollout_tokens_per_s",
+                "native_lora_over_hf_lora_rollout_tokens_per_s", "hf_lora_merged_over_hf_lora_rollout_tokens_per_s",
+                "native_lora_over_native_rollout_tokens_per_s"):
         if key in s:
             lines += ["", f"{key} (median of paired rounds): **{s[key]:.2f}x**"]
     for key in sorted(k for k in s if k.endswith("_tokens_identical_to_hf")):
-        lines += ["", f"{key[:-len('_tokens_identical_to_hf')]}'s tokens identical to HF generate's in every round: "
-                      f"{s[key]}"]
+        name = key[:-len('_tokens_identical_to_hf')]
+        lines += ["", f"{name}'s tokens identical to HF generate's{' on the adapted model' if 'lora' in name else ''} "
+                      f"in every round: {s[key]}"]
     return "\n".join(lines + [""])
 
 

@@ -56,7 +56,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"lr": 1e-3, "temperature": 1.0, "gamma": 0.02, "eta_orig": 0.0, "eta_mask": 0.0, "mask_ratio": 0.6,
             "clip_low": 0.2, "clip_high": 0.3, "perception_kl_clamp": 0.2, "seed": 0}
 MODES = ("ours_grpo", "ours_papo_official", "ours_papo", "trl_grpo", "trl_grpo_malloc", "trl_papo",
-         "trl_papo_malloc", "trl_papo_gc")
+         "trl_papo_malloc", "trl_papo_gc", "ours_papo_lora", "trl_papo_lora")
+# the *_lora modes: the same LoRA on both sides (peft; ours model.lora.*, TRL's peft_config): rank 16, alpha 32, the
+# language model's attention and MLP projections (papo_engine.lora's default targets), no dropout
+LORA = {"rank": 16, "alpha": 32.0}
 # Qwen2.5-VL chat layout, written so that TRL's prompts are token-for-token our `prompts.chat_prompt`
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -192,7 +195,9 @@ def ours_overrides(args) -> list[str]:
               "algo.ref_kl_coef=0", "model.dtype=float32", "model.gradient_checkpointing=false",
               f"trainer.seed={s['seed']}"]
     switches = {"ours_grpo": ["algo.gamma=0", "algo.eta_orig=0", "algo.eta_mask=0"],
-                "ours_papo_official": official_overrides(), "ours_papo": []}[args.mode]
+                "ours_papo_official": official_overrides(), "ours_papo": [],
+                "ours_papo_lora": [f"model.lora.rank={LORA['rank']}", f"model.lora.alpha={LORA['alpha']}"],
+                }[args.mode]
     return common + switches
 
 
@@ -231,7 +236,7 @@ def run_ours(args, out_dir: str) -> list[dict]:
                       "detail_s": detail})
         last = now
     trainer.tracker.close()
-    return steps
+    return steps, trained_sizes(trainer.engine.module, trainer.engine.optimizer)
 
 
 def trl_config(args, out_dir: str):
@@ -259,6 +264,22 @@ def trl_config(args, out_dir: str):
         return GRPOConfig(**common)
     return PAPOConfig(**common, perception_loss_weight=s["gamma"], mask_ratio=s["mask_ratio"], mask_type="random",
                       der_loss_weight1=s["eta_orig"], der_loss_weight2=s["eta_mask"])
+
+
+def lora_config():
+    """TRL's side of the *_lora modes: peft's LoraConfig with our targets (papo_engine.lora.target_pattern)."""
+    from papo_engine import lora
+    from papo_engine.config import LoraSettings
+    settings = LoraSettings(rank=LORA["rank"], alpha=LORA["alpha"])
+    return lora.peft_config(settings, lora.target_pattern(settings))
+
+
+def trained_sizes(model, optimizer) -> dict:
+    """Trainable parameters and the optimizer's state (bytes of its tensors: Adam's moments, step counters)."""
+    import torch
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    return {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "optimizer_state_bytes": sum(t.numel() * t.element_size() for t in state)}
 
 
 def run_trl(args, out_dir: str) -> list[dict]:
@@ -311,7 +332,9 @@ def run_trl(args, out_dir: str) -> list[dict]:
     clock = StepClock()
     cls = GRPOTrainer if args.mode.startswith("trl_grpo") else PAPOTrainer
     trainer = cls(model=model, reward_funcs=reward, args=trl_config(args, out_dir), train_dataset=data,
-                  processing_class=AutoProcessor.from_pretrained(args.model_dir), callbacks=[clock])
+                  processing_class=AutoProcessor.from_pretrained(args.model_dir), callbacks=[clock],
+                  peft_config=lora_config() if args.mode.endswith("_lora") else None)
+    model = trainer.model if args.mode.endswith("_lora") else model  # TRL wrapped it (PeftModel)
     scoring = [False]  # inside `_generate_and_score_completions`: its no-grad log-prob passes are old / ref
 
     def scored(fn):
@@ -347,7 +370,7 @@ def run_trl(args, out_dir: str) -> list[dict]:
                       "phases_s": mapped_phases(b - a, seams["rollout"], seams["score"] - seams["rollout"] - old,
                                                 old, update),
                       "detail_s": detail})
-    return steps
+    return steps, trained_sizes(model, trainer.optimizer)
 
 
 def impose_lengths(model, args, eos: int) -> None:
@@ -392,11 +415,11 @@ def main() -> None:
     if not (args.mode and args.model_dir and args.out):
         parser.error("--mode, --model-dir and --out are required")
     with tempfile.TemporaryDirectory() as out_dir:
-        steps = (run_ours if args.mode.startswith("ours_") else run_trl)(args, out_dir)
+        steps, sizes = (run_ours if args.mode.startswith("ours_") else run_trl)(args, out_dir)
     import torch
     for step, expected in zip(steps, expected_tokens(args)):
         step["expected_completion_tokens"] = expected
-    report = {"mode": args.mode, "prompts": args.prompts, "n": args.n, "tokens": args.tokens, "steps": steps,
+    report = {"mode": args.mode, "prompts": args.prompts, "n": args.n, "tokens": args.tokens, "steps": steps, **sizes,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}

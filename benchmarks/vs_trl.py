@@ -14,6 +14,8 @@ settings and equal-work rules are described there). Modes:
                                                             MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
   trl_papo_gc                                             — TRL's default gradient checkpointing on (reported
                                                             apart; not part of "TRL's best")
+  ours_papo_lora, trl_papo_lora                           — PAPO with the same LoRA on both sides (trl_runner.LORA;
+                                                            ours model.lora.*, TRL's peft_config); only with --modes
 Within a configuration, repeat r runs every mode once, in an order rotated by r (A B C .. then B C .. A ..), so a
 shared machine's drifts hit all modes alike. The first --drop steps of each run are dropped (allocation, JIT);
 a run's step time and completion tokens/s are medians over its remaining steps; a mode's figure is the median
@@ -57,7 +59,14 @@ PAIRS = {  # ratio name -> (numerator mode, denominator mode or "best" group)
     "ours_papo_vs_trl_papo_gc": ("ours_papo", "trl_papo_gc"),
     "ours_papo_official_vs_trl_papo_best": ("ours_papo_official", "trl_papo_best"),
     "ours_grpo_vs_trl_grpo_best": ("ours_grpo", "trl_grpo_best"),
+    "ours_papo_lora_vs_trl_papo_lora": ("ours_papo_lora", "trl_papo_lora"),
+    "ours_papo_lora_vs_ours_papo": ("ours_papo_lora", "ours_papo"),
+    "trl_papo_lora_vs_trl_papo": ("trl_papo_lora", "trl_papo"),
 }
+# peak RSS ratios (paired): name -> (numerator, denominator)
+RSS_PAIRS = {"peak_rss_ours_papo_lora_vs_trl_papo_lora": ("ours_papo_lora", "trl_papo_lora"),
+             "peak_rss_ours_papo_lora_vs_ours_papo": ("ours_papo_lora", "ours_papo")}
+DEFAULT_MODES = [m for m in MODES if not m.endswith("_lora")]  # LoRA modes: on request (--modes)
 BEST = {"trl_papo_best": ("trl_papo", "trl_papo_malloc"), "trl_grpo_best": ("trl_grpo", "trl_grpo_malloc")}
 
 
@@ -153,7 +162,8 @@ def summarize(runs: list[dict], args) -> dict:
             modes[mode] = {"step_s": spread([r["step_s"] for r in rs]),
                            "completion_tokens_per_s": spread([r["tokens_per_s"] for r in rs]),
                            "peak_rss_mb": spread([r["peak_rss_mb"] for r in rs]),
-                           "fixed_length": all(r["fixed_length"] for r in rs), "runs": len(rs)}
+                           "fixed_length": all(r["fixed_length"] for r in rs), "runs": len(rs),
+                           **{k: rs[0][k] for k in ("trainable_parameters", "optimizer_state_bytes") if k in rs[0]}}
             kept = [s for r in rs for s in r["steps"][args.drop:]]
             for key in ("phases_s", "detail_s"):  # per phase: median over all kept steps of all runs
                 if kept and all(key in s for s in kept):
@@ -178,6 +188,10 @@ def summarize(runs: list[dict], args) -> dict:
         if "ours_papo" in by_mode and best_papo in by_mode:  # memory: peak RSS, ours PAPO / TRL's best PAPO
             ratios["peak_rss_ours_papo_vs_trl_papo_best"] = {"denominator": best_papo, **spread(
                 [a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in zip(by_mode["ours_papo"], by_mode[best_papo])])}
+        for ratio, (num, den) in RSS_PAIRS.items():
+            if num in by_mode and den in by_mode:
+                ratios[ratio] = {"denominator": den, **spread(
+                    [a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in zip(by_mode[num], by_mode[den])])}
         configs[name] = {"prompts": prompts, "rollouts": n, "tokens": tokens, "shape": shape,
                          "shape_overrides": SHAPES[shape].overrides, "imposed_lengths": SHAPES[shape].lengths or None,
                          "modes": modes, "trl_best": best, "ratios": ratios}
@@ -198,7 +212,10 @@ def summarize(runs: list[dict], args) -> dict:
         label = {"tiny-vocab152k": "real_vocab"}.get(c["shape"], c["shape"])
         label = label.replace("-", "_") if c["imposed_lengths"] else label  # paper_mini, paper_mini_vocab152k
         for key, ratio in (("throughput_ratio_vs_trl", "ours_papo_vs_trl_papo_best"),
-                           ("peak_rss_ratio_vs_trl", "peak_rss_ours_papo_vs_trl_papo_best")):
+                           ("peak_rss_ratio_vs_trl", "peak_rss_ours_papo_vs_trl_papo_best"),
+                           ("lora_throughput_ratio_vs_trl", "ours_papo_lora_vs_trl_papo_lora"),
+                           ("lora_peak_rss_ratio_vs_trl", "peak_rss_ours_papo_lora_vs_trl_papo_lora"),
+                           ("lora_throughput_ratio_vs_full", "ours_papo_lora_vs_ours_papo")):
             if ratio in c["ratios"]:
                 summary[f"{key}_{label}"] = c["ratios"][ratio]["median"]
                 summary[f"{key}_{label}_configuration"] = name
@@ -226,7 +243,8 @@ def table(report: dict) -> str:
              f"median at {sm['configuration']}: **{head}**"
              + (f" (min {sm['throughput_ratio_vs_trl_min']:.2f}, max {sm['throughput_ratio_vs_trl_max']:.2f})"
                 if sm["throughput_ratio_vs_trl"] else "") + ".", ""]
-    for key in sorted(k for k in sm if k.startswith(("throughput_ratio_vs_trl_", "peak_rss_ratio_vs_trl_"))
+    prefixes = ("throughput_ratio_vs_trl_", "peak_rss_ratio_vs_trl_", "lora_")
+    for key in sorted(k for k in sm if k.startswith(prefixes)
                       and not k.endswith(("_min", "_max", "_configuration"))):
         lines.append(f"- {key}: **{sm[key]:.2f}×** ({sm[key + '_configuration']})")
     lines += ["",
@@ -240,10 +258,13 @@ def table(report: dict) -> str:
     for name, c in report["configurations"].items():
         lines += [f"## {c['prompts']} prompt(s) × {c['rollouts']} rollouts × {c['tokens']} tokens, model {c['shape']} "
                   f"{' '.join(c['shape_overrides'])}", "",
-                  "| mode | step (s) | completion tok/s | peak RSS (MB) | lengths as set |", "|---|---|---|---|---|"]
+                  "| mode | step (s) | completion tok/s | peak RSS (MB) | trainable parameters | optimizer state (MB) "
+                  "| lengths as set |", "|---|---|---|---|---|---|---|"]
         for mode, m in c["modes"].items():
+            sizes = (f"{m['trainable_parameters']:,} | {m['optimizer_state_bytes'] / 2**20:.1f}"
+                     if "trainable_parameters" in m else "– | –")
             lines.append(f"| {mode} | {fmt(m['step_s'], 3)} | {fmt(m['completion_tokens_per_s'])} | "
-                         f"{fmt(m['peak_rss_mb'])} | {'yes' if m['fixed_length'] else 'NO'} |")
+                         f"{fmt(m['peak_rss_mb'])} | {sizes} | {'yes' if m['fixed_length'] else 'NO'} |")
         lines += ["", "| paired ratio | denominator | median [min–max] |", "|---|---|---|"]
         for ratio, r in c["ratios"].items():
             lines.append(f"| {ratio} | {r['denominator']} | {fmt(r, 2, '×')} |")
@@ -316,7 +337,7 @@ def main() -> int:
     parser.add_argument("--shape-modes", nargs="+", choices=MODES,
                         default=["ours_grpo", "ours_papo", "trl_grpo", "trl_papo", "trl_papo_malloc"],
                         help="the modes run at shapes other than tiny")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=DEFAULT_MODES)
     parser.add_argument("--repeats", type=int, default=3, help="runs per mode and configuration")
     parser.add_argument("--steps", type=int, default=6, help="steps per run")
     parser.add_argument("--drop", type=int, default=2, help="first steps of each run not measured")
@@ -360,7 +381,8 @@ def main() -> int:
                       "malloc_env": MALLOC_ENV, "wall_s": time.time() - started,
                       "threads": runs[0]["threads"]}
     report["runs"] = [{k: r[k] for k in ("config", "repeat", "mode", "step_s", "tokens_per_s", "peak_rss_mb",
-                                         "wall_s", "fixed_length", "malloc_env")}
+                                         "wall_s", "fixed_length", "malloc_env", "trainable_parameters",
+                                         "optimizer_state_bytes")}
                       | {"step_seconds": [s["seconds"] for s in r["steps"]]} for r in runs]
     stem = Path(args.output) / f"vs_trl_{report['meta']['device']}{args.suffix}"
     write_results(stem, report, table(report))

@@ -1,7 +1,8 @@
 """Crash-safe training checkpoints: written into a temporary folder, renamed into place, the last K kept.
 
 <output_dir>/checkpoints/step-000006/
-    deepspeed/            `engine.save_checkpoint`: model + optimizer (one file per rank under ZeRO)
+    deepspeed/            `engine.save_checkpoint`: model + optimizer (one file per rank under ZeRO); under LoRA the
+                          adapters and their optimizer state only (the base: <output_dir>/lora-base or model.path)
     hf/                   config.json, tokenizer, image-processor config (what `papo export` rebuilds from)
     rng/rank-00000.pt     python, numpy and torch (+ CUDA) RNG states of each rank
     trainer_state.json    step, data position, W&B run id, every step's metrics so far
@@ -275,7 +276,8 @@ def _write_checkpoint(root: Path, final: Path, tmp: Path, training_engine, state
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    training_engine.engine.save_checkpoint(str(tmp / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False)
+    training_engine.engine.save_checkpoint(str(tmp / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False,
+                                           exclude_frozen_parameters=training_engine.adapters_only)
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
     _barrier()
@@ -318,7 +320,8 @@ def load_checkpoint(path: Path, training_engine, rank: int) -> TrainerState:
     with one line naming the checkpoint."""
     try:
         load_path, _ = training_engine.engine.load_checkpoint(
-            str(path / "deepspeed"), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+            str(path / "deepspeed"), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False,
+            load_module_strict=not training_engine.adapters_only)  # LoRA: the adapters alone, on the loaded base
     except (RuntimeError, OSError, ValueError, KeyError, EOFError) as err:
         previous = previous_complete(path)
         why = str(err).splitlines()[0] if str(err) else type(err).__name__

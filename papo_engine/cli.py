@@ -47,7 +47,10 @@ def _eval_parser(sub) -> None:
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="training checkpoint (any ZeRO stage) -> Hugging Face model directory")
     p.add_argument("checkpoint", help="a <output_dir>/checkpoints/step-NNNNNN folder")
-    p.add_argument("out_dir", help="where to write config.json, model.safetensors, tokenizer and processor files")
+    p.add_argument("out_dir", help="where to write config.json, model.safetensors, tokenizer and processor files "
+                                   "(a LoRA run's: a PEFT adapter folder)")
+    p.add_argument("--merged", action="store_true", help="a LoRA run's checkpoint: the model with the adapters "
+                                                         "folded in, instead of the adapter folder")
 
 
 def _lost_rank(err: RuntimeError) -> bool:
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "export":
             from .export import export_checkpoint
-            print(f"papo: exported to {export_checkpoint(args.checkpoint, args.out_dir)}")
+            print(f"papo: exported to {export_checkpoint(args.checkpoint, args.out_dir, args.merged)}")
             return 0
         if args.command == "eval":
             args.overrides = [f"model.path={args.model}", *args.overrides]

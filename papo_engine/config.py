@@ -45,6 +45,20 @@ class _Architectures:
 
 
 @dataclass
+class LoraSettings:
+    rank: int = _f(0, low=0, help="LoRA rank r; 0 = off (full fine-tuning). On: only the adapters train, the "
+                                  "reference is the base model (adapters off), checkpoints hold the adapters "
+                                  "(papo_engine/lora.py)")
+    alpha: float = _f(32.0, low=0.0, low_open=True, help="the adapters' scale is alpha / rank")
+    dropout: float = _f(0.0, low=0.0, high=1.0, high_open=True, help="dropout on the adapters' input (update "
+                                                                     "forwards only)")
+    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                              help="names of the language model's linear layers that get adapters")
+    vision_target_modules: list = _f([], help="names of the vision blocks' linear layers that get adapters (e.g. "
+                                              "[qkv, proj]); [] = the vision tower stays frozen")
+
+
+@dataclass
 class ModelConfig:
     path: str | None = _f(None, help="local Hugging Face directory of a Qwen2.5-VL, Qwen3-VL or Qwen3.5 model (its "
                                      "config.json model_type picks the family); null builds `architecture` from a "
@@ -69,6 +83,7 @@ class ModelConfig:
     vision_depth: int = _f(2, low=1)
     vision_hidden_size: int = _f(48, low=8)
     vision_heads: int = _f(2, low=1)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
@@ -573,12 +588,16 @@ def _as_override(value) -> str:
 def config_help() -> str:
     """Every key with its default and what is allowed, for `papo train --help`."""
     lines = []
-    for section in dataclasses.fields(Config):
-        obj = getattr(Config(), section.name)
+    def add(obj, prefix: str) -> None:
         for f in dataclasses.fields(obj):
-            meta = dict(f.metadata)
             default = getattr(obj, f.name)
+            if dataclasses.is_dataclass(default):  # a subsection (model.lora)
+                add(default, f"{prefix}{f.name}.")
+                continue
+            meta = dict(f.metadata)
             allowed = _allowed_text(meta, _field_type(obj, f.name))
             extra = f" — {meta['help']}" if meta.get("help") else ""
-            lines.append(f"  {section.name}.{f.name}={default!r}  ({allowed}){extra}")
+            lines.append(f"  {prefix}{f.name}={default!r}  ({allowed}){extra}")
+
+    add(Config(), "")
     return "\n".join(lines)

@@ -74,6 +74,7 @@ class TrainingEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size))
         self.zero_stage = cfg.deepspeed.zero_stage
+        self.adapters_only = hasattr(model, "lora_record")  # LoRA: checkpoints hold the trained adapters alone
         self.parameter_count = sum(getattr(p, "ds_numel", p.numel()) for p in params)
         self.nonfinite_after_step = 0  # values an applied optimizer step made NaN/inf (finite loss and gradients)
 
@@ -162,12 +163,25 @@ class TrainingEngine:
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
     def save_pretrained(self, path: Path, tokenizer, image_processor) -> None:
-        """A Hugging Face model directory (weights + config + tokenizer + processor config) on rank 0."""
+        """A Hugging Face model directory (weights + config + tokenizer + processor config) on rank 0; under LoRA
+        the model with its adapters folded in, and the PEFT adapter folder in `path / "adapter"`."""
         import torch.distributed as dist
         state = self.full_state_dict()
         if dist.get_rank() == 0:
             path.mkdir(parents=True, exist_ok=True)
-            self.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+            if self.adapters_only:
+                from . import lora
+                from .export import save_model_folder
+                from .families import family_of
+                record = self.module.lora_record
+                save_model_folder(family_of(self.module), self.module.config,
+                                  lora.merge_state_dict(state, record.scaling), path)
+                lora.write_adapter(path / "adapter", lora.adapter_state_dict(state), record.settings, record.pattern,
+                                   record.base)
+                tokenizer.save_pretrained(path / "adapter")
+                image_processor.save_pretrained(path / "adapter")
+            else:
+                self.module.save_pretrained(path, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(path)
             image_processor.save_pretrained(path)
         dist.barrier()

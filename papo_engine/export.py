@@ -53,9 +53,11 @@ def check_export_paths(checkpoint: Path, out_dir: Path) -> None:
                           f"{', ...' if len(entries) > 3 else ''}); give a new or empty folder (nothing is replaced)")
 
 
-def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
+def export_checkpoint(checkpoint: Path, out_dir: Path, merged: bool = False) -> Path:
     """The model of the checkpoint's family (its hf/config.json model_type), saved with `save_pretrained`: the
-    folder loads with that family's `from_pretrained` (Qwen2_5_VL…, Qwen3VL…, Qwen3_5ForConditionalGeneration)."""
+    folder loads with that family's `from_pretrained` (Qwen2_5_VL…, Qwen3VL…, Qwen3_5ForConditionalGeneration).
+    A LoRA run's checkpoint gives a PEFT adapter folder on the run's base, or with `merged` the model with the
+    adapters folded in."""
     from .families import checkpoint_model_type, family_named
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     check_export_paths(checkpoint, out_dir)
@@ -69,18 +71,54 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
         why = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"papo export: {checkpoint}: its model state cannot be read ({why})") from None
     family = family_named(checkpoint_model_type(checkpoint / "hf"), f"papo export: {checkpoint}")
-    config = family.config_class.from_pretrained(checkpoint / "hf")
-    with torch.device("meta"):
-        model = family.model_class(config)
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise ConfigError(f"papo export: {checkpoint} does not match its config "
-                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    model.load_state_dict(state, assign=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    if saved["model"].get("lora", {}).get("rank", 0) > 0:
+        _export_adapters(checkpoint, out_dir, state, saved, family, merged)
+    else:
+        if merged:
+            raise ConfigError(f"papo export --merged: {checkpoint} is not a LoRA run's (model.lora.rank=0): it "
+                              f"exports the whole model without --merged")
+        config = family.config_class.from_pretrained(checkpoint / "hf")
+        with torch.device("meta"):
+            expected = set(family.model_class(config).state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ConfigError(f"papo export: {checkpoint} does not match its config "
+                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        save_model_folder(family, config, state, out_dir)
     for item in (checkpoint / "hf").iterdir():  # tokenizer and image-processor files
         if item.name != "config.json":
             shutil.copy2(item, out_dir / item.name)
     return out_dir
+
+
+def save_model_folder(family, config, state: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """`state` (module names) as the family's Hugging Face folder, through a model built on the meta device."""
+    with torch.device("meta"):
+        model = family.model_class(config)
+    model.load_state_dict(state, assign=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def _export_adapters(checkpoint: Path, out_dir: Path, state: dict, saved: dict, family, merged: bool) -> None:
+    """A LoRA checkpoint (its adapters alone): the PEFT adapter folder, or the base with them folded in."""
+    from . import lora
+    from .config import ModelConfig
+    settings = lora.settings_of(saved)
+    base = lora.base_dir(ModelConfig(path=saved["model"]["path"]), saved["warmup"]["steps"], checkpoint.parent.parent)
+    if not (base / "config.json").is_file():
+        raise ConfigError(f"papo export: the LoRA base model {base} of {checkpoint} is missing")
+    adapters = {name: tensor for name, tensor in state.items() if ".lora_" in name}
+    if not adapters or len(adapters) != len(state):
+        raise ConfigError(f"papo export: {checkpoint} does not hold a LoRA run's adapters alone "
+                          f"({len(adapters)} adapter tensors of {len(state)})")
+    if not merged:
+        lora.write_adapter(out_dir, lora.adapter_state_dict(adapters), settings, lora.target_pattern(settings), base)
+        return
+    model = family.model_class.from_pretrained(base, dtype=DTYPES[saved["model"]["dtype"]])
+    base_state = {f"{name.rsplit('.', 1)[0]}.base_layer.{name.rsplit('.', 1)[1]}"
+                  if f"{name.rsplit('.', 1)[0]}.lora_A.{lora.ADAPTER}.weight" in adapters else name: tensor
+                  for name, tensor in model.state_dict().items()}
+    save_model_folder(family, model.config, lora.merge_state_dict({**base_state, **adapters},
+                                                                  settings.alpha / settings.rank), out_dir)

@@ -29,6 +29,7 @@ import torch
 
 from .actor import SequenceBatch, response_token_stats
 from .algorithms.rollout_correction import rollout_is_weights, rollout_mismatch_sums
+from .lora import reference_model
 
 
 def on_policy_reuse(cfg, updates_per_step: int) -> bool:
@@ -82,8 +83,10 @@ def old_policy_stats(model, reference, seqs: SequenceBatch, micro_batches: list[
     for index, mb in micro_batches if not reuse or reference is not None else ():
         part = {} if reuse else response_token_stats(model, mb, both_branches=both_branches, temperature=temperature)
         if reference is not None:
-            part["ref_logprobs"] = response_token_stats(reference, mb, both_branches=False,
-                                                        temperature=temperature)["logprobs"]
+            reference_module, switch = reference_model(reference)  # a frozen copy, or LoRA's adapters off
+            with switch:
+                part["ref_logprobs"] = response_token_stats(reference_module, mb, both_branches=False,
+                                                            temperature=temperature)["logprobs"]
         for name, values in part.items():  # at the micro-batch's width: placed in the step's [rows, width]
             if name not in stats:
                 stats[name] = values.new_zeros(rows, width)

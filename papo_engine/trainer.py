@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from . import lora
 from .actor import SequenceBatch, with_prompt_positions
 from .old_policy import on_policy_reuse, rollout_mismatch
 from .algorithms import gamma_at, group_advantages, loss_settings, overlong_penalty
@@ -99,7 +100,11 @@ class PAPOTrainer(PolicyUpdate):
         saved = ckpt.read_trainer_state(self.resume_from) if self.resume_from else ckpt.TrainerState(0, 0)
         self.tokenizer = load_tokenizer(cfg.model)
         self.image_processor = load_image_processor(cfg)
-        model = load_policy(cfg.model, self.tokenizer, seed=cfg.trainer.seed)
+        # LoRA: the base the adapters apply to; a resumed run loads the one its first start wrote (lora.py)
+        self.lora_base, model_cfg = lora.run_base(cfg, self.out_dir, self.resume_from is not None)
+        from_base = model_cfg is not cfg.model
+        model = load_policy(model_cfg, self.tokenizer, seed=cfg.trainer.seed)
+        lora.check_targets(model, cfg.model.lora)  # before the warm-up: a bad target costs nothing
         FusedLMHead.replace_in(model, cfg.kernels.fused_head, cfg.kernels.backend)
         self.train_set = self._dataset("train", cfg.data.train_files)
         self.eval_set = self._dataset("eval", cfg.data.eval_files)
@@ -109,7 +114,7 @@ class PAPOTrainer(PolicyUpdate):
         self.warmup_log: list[dict] = []
         # a resumed policy already holds the warm-start; it is re-run only to rebuild the reference (β > 0),
         # which is the post-warm-start policy and deterministic given the seed
-        if cfg.warmup.steps > 0 and (self.resume_from is None or cfg.algo.ref_kl_coef > 0):
+        if cfg.warmup.steps > 0 and not from_base and (self.resume_from is None or cfg.algo.ref_kl_coef > 0):
             from .warmup import format_warmup
             if dist_utils.is_main() and (self.out_dir / WARMUP_STOPPED).is_file():
                 print(f"papo: the previous start was stopped during the warm-up "
@@ -117,11 +122,15 @@ class PAPOTrainer(PolicyUpdate):
             self.warmup_log = format_warmup(model, self, cfg.warmup, stop_check=self.warmup_stop_point)
             if dist_utils.is_main():
                 (self.out_dir / WARMUP_STOPPED).unlink(missing_ok=True)
+        if self.lora_base is not None:  # the base written once where it is not on disk, then the adapters on it
+            adapters_off = lora.start_adapters(model, cfg, self.lora_base, not from_base and dist_utils.is_main(),
+                                               self.tokenizer, self.image_processor)
         from .engine import TrainingEngine, frozen_reference
         # vLLM sizes its memory from what is free when it starts: before the trainer's states are allocated
         rollout = build_rollout(cfg, None, self.tokenizer, self.world) if cfg.rollout.backend == "vllm" else None
-        # β > 0: a frozen copy of the starting policy (after the warm-start); none when β = 0
-        self.reference = frozen_reference(model, cfg, self.world) if cfg.algo.ref_kl_coef > 0 else None
+        # β > 0: a frozen copy of the starting policy (after the warm-start), under LoRA the base; none when β = 0
+        self.reference = None if cfg.algo.ref_kl_coef == 0 else adapters_off if self.lora_base is not None else \
+            frozen_reference(model, cfg, self.world)
         self.engine = TrainingEngine(model, cfg, self.world)
         rollout = rollout or build_rollout(cfg, self.engine.module, self.tokenizer, self.world)
         self.hybrid = HybridEngine(self.engine, rollout, cfg)

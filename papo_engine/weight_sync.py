@@ -23,6 +23,8 @@ from typing import Iterator
 
 import torch
 
+from .lora import adapted_layers, merged_weight
+
 
 def checkpoint_names(module: torch.nn.Module) -> dict[str, str]:
     """{parameter name in the module: name `save_pretrained` writes}. Tied parameters appear once (first name),
@@ -102,6 +104,7 @@ def iter_weight_buckets(module: torch.nn.Module, zero_stage: int,
                         bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield `[(checkpoint_name, full_tensor), ...]` per bucket; see the module docstring for the lifetime rule."""
     names = checkpoint_names(module)
+    adapted = adapted_layers(module)
     for bucket in plan_buckets(module, bucket_bytes):
         if zero_stage == 3:
             import deepspeed
@@ -109,7 +112,23 @@ def iter_weight_buckets(module: torch.nn.Module, zero_stage: int,
             params = [p for _, p in bucket]
             # read-only gather (modifier_rank=None): the partitions are not written back on exit
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                yield [(names[n], p.data.detach()) for n, p in bucket]
+                yield _engine_tensors(bucket, names, adapted)
             # leaving the context released the gathered data: the consumer is done with this bucket
         else:
-            yield [(names[n], p.detach()) for n, p in bucket]
+            yield _engine_tensors(bucket, names, adapted)
+
+
+def _engine_tensors(bucket, names: dict[str, str], adapted: dict) -> list[tuple[str, torch.Tensor]]:
+    """The bucket as the engine loads a checkpoint: under LoRA a layer's base weight is sent with its adapter folded
+    in (`lora.merged_weight`) under the plain layer's name (…q_proj.weight), the adapters themselves not at all."""
+    out = []
+    for name, param in bucket:
+        if ".lora_" in name:
+            continue
+        if ".base_layer." in name:
+            owner, kind = name.split(".base_layer.")
+            tensor = merged_weight(adapted[owner]).detach() if kind == "weight" else param.data.detach()
+            out.append((names[name].replace(".base_layer.", "."), tensor))
+        else:
+            out.append((names[name], param.data.detach()))
+    return out

@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 # the longest files first, so that neither worker is left with one of them at the end (`--dist loadfile` hands
 # files out in collection order)
 LONG_FIRST = ("test_warmup.py", "test_two_namespaces.py", "test_preemption.py", "test_on_policy_reuse.py",
-              "test_resume.py", "test_multirank.py", "test_launchers.py")
+              "test_resume.py", "test_multirank.py", "test_launchers.py", "test_lora.py")
 
 
 def pytest_collection_modifyitems(items):

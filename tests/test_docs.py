@@ -100,6 +100,18 @@ HEADLINES = [
       ("pooled_paired_ratios.papo_official.step_ratio_median", ".2f"),
       ("pooled_paired_ratios.papo.train_side_ratio_median", ".2f"),
       ("pooled_paired_ratios.papo_official.train_side_ratio_median", ".2f")]),
+    ("the default run reaches held-out accuracy {} ± {} over seeds 0–2 (late training reward {} ± {}",
+     "default_seeds_cpu_2cores_lora.json",
+     [("summary.papo.eval_accuracy.mean", ".3f"), ("summary.papo.eval_accuracy.std", ".3f"),
+      ("summary.papo.reward_last_20pct.mean", ".3f"), ("summary.papo.reward_last_20pct.std", ".3f")]),
+    ("PAPO with LoRA is {}× TRL's PAPOTrainer with the same LoRA at Qwen's vocabulary ({}× its",
+     "vs_trl_cpu_2cores_lora.json",
+     [("summary.lora_throughput_ratio_vs_trl_real_vocab", ".2f"), ("summary.lora_peak_rss_ratio_vs_trl_real_vocab", ".2f")]),
+    ("peak RSS) and {}× at paper-mini", "vs_trl_cpu_2cores_lora_paper-mini.json",
+     [("summary.lora_throughput_ratio_vs_trl_paper_mini", ".2f")]),
+    ("and {}× /", "vs_trl_cpu_2cores_lora.json", [("summary.lora_throughput_ratio_vs_full_real_vocab", ".2f")]),
+    ("/ {}× our full fine-tuning", "vs_trl_cpu_2cores_lora_paper-mini.json",
+     [("summary.lora_throughput_ratio_vs_full_paper_mini", ".2f")]),
 ]
 
 FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.S | re.M)

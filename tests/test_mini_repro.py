@@ -89,6 +89,23 @@ def test_the_computation_study_command_at_tiny_sizes(tmp_path):
         assert isinstance(report["summary"][method]["collapsed_seeds"], list)
         assert isinstance(report["summary"][method]["kl_runaway_seeds"], list)
     assert "| papo_g_presets_eta |" in path.with_suffix(".md").read_text()
+    # speed beside GRPO, paired by seed, from the same runs; steps to reach 0.9 on hint-wrong items per seed
+    for method in methods[1:]:
+        ratio = report["summary"][method]["training_side_over_grpo"]["values"]
+        assert len(ratio) == 1 and ratio[0] > 0
+        assert len(report["summary"][method]["steps_to_reach_hint_wrong"]) == 1
+    assert "step_over_grpo" not in report["summary"]["grpo"]
+
+
+def test_steps_to_reach_and_step_seconds_read_the_run():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mini_repro import REACHED, step_seconds, steps_to_reach
+    curve = [{"step": s, "hint_wrong": {"accuracy": a}} for s, a in ((0, 0.2), (50, REACHED - 0.01), (100, REACHED),
+                                                                     (150, 0.5))]
+    assert steps_to_reach({"curve": curve}) == 100 and steps_to_reach({"curve": curve[:2]}) is None
+    train = [{"time/step": 9.0, "time/old_logprobs": 9.0, "time/update": 9.0}] * 10 + \
+        [{"time/step": t, "time/old_logprobs": 0.5, "time/update": t / 2} for t in (1.0, 2.0, 4.0)]
+    assert step_seconds({"train": train}) == {"step": 2.0, "training_side": 1.5}  # medians after the first 10 steps
 
 
 def test_collapse_and_runaway_read_the_curve_after_the_stated_step():

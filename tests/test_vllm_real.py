@@ -121,6 +121,12 @@ def test_weight_push_changes_outputs_and_restores_them_exactly(verdict):
     assert verdict["restored_exactly"]  # tokens and log-probs bit-identical to before the first push
 
 
+def test_lora_adapters_are_folded_into_the_push_and_the_engine_follows_them(verdict):
+    assert verdict["lora_push_names_are_the_checkpoints"]  # …q_proj.weight, never base_layer / lora_A names
+    assert verdict["lora_push_changed_outputs"] and verdict["lora_pushed_equals_hf"]
+    assert verdict["lora_sync_check"] == 1.0
+
+
 def test_sync_check_is_one_after_a_push(verdict):
     assert verdict["sync_check_after_push"] == 1.0
 

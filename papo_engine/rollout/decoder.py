@@ -37,6 +37,7 @@ from papo_kernels import cpp_backend
 from transformers.activations import ACT2FN
 
 from ..families import family_of
+from ..lora import merged_weight
 
 BUCKET_STEP = 4  # row sizes below the full batch: multiples of 4 (and 2, 1); ~0.9 of the row-steps are real
 
@@ -119,6 +120,7 @@ class TextDecoder:
         self.grid_slot = torch.zeros(self.rows, dtype=torch.long, device=device)
         self.active = self.rows
         self.graphs: dict[tuple[int, int], tuple] = {}  # (active rows, width) -> graph and its static tensors
+        self.weights: list[tuple] | None = None         # per layer, read at each fill (`_read_weights`)
         self.graph_pool = None
         self.cpu_kernel = kernel == "auto" and device.type == "cpu" and weight.dtype == torch.float32 and \
             torch.backends.mkldnn.is_available() and cpp_backend.is_available("decode")
@@ -139,6 +141,7 @@ class TextDecoder:
         self.row_group.copy_(rows // self.n)
         self.grid_slot.copy_(rows)
         self.active = self.rows
+        self._read_weights()
         if self.cpu_kernel:
             self._pack_weights()
 
@@ -190,12 +193,12 @@ class TextDecoder:
         unwritten = torch.arange(width, device=tokens.device) > slot
         bias = torch.cat([self.prompt_bias[self.row_group[:rows]], torch.zeros(
             rows, width, device=tokens.device).masked_fill(unwritten, float("-inf"))], -1)[:, None, None, :]
-        for layer, attn_layer in enumerate(lm.layers):
+        for layer, (attn_layer, (wq, wk, wv, wo, w_gate, w_up, w_down)) in enumerate(zip(lm.layers, self.weights)):
             attn = attn_layer.self_attn
             h = _rms_norm(x, attn_layer.input_layernorm)
-            q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(rows, self.heads, -1)
-            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(rows, self.kv_heads, -1)
-            v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(rows, self.kv_heads, -1)
+            q = F.linear(h, wq, attn.q_proj.bias).view(rows, self.heads, -1)
+            k = F.linear(h, wk, attn.k_proj.bias).view(rows, self.kv_heads, -1)
+            v = F.linear(h, wv, attn.v_proj.bias).view(rows, self.kv_heads, -1)
             if self.qk_norm:
                 q, k = _rms_norm(q, attn.q_norm), _rms_norm(k, attn.k_norm)
             q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
@@ -203,11 +206,9 @@ class TextDecoder:
             self.keys[layer][:rows].index_copy_(2, slot, k.unsqueeze(2))
             self.values[layer][:rows].index_copy_(2, slot, v.unsqueeze(2))
             out = self._attention(layer, q.unsqueeze(2), width, bias, attn.scaling)
-            x = x + F.linear(out.reshape(rows, 1, -1), attn.o_proj.weight)
+            x = x + F.linear(out.reshape(rows, 1, -1), wo)
             h = _rms_norm(x, attn_layer.post_attention_layernorm)
-            mlp = attn_layer.mlp
-            x = x + F.linear(self.act(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
-                             mlp.down_proj.weight)
+            x = x + F.linear(self.act(F.linear(h, w_gate)) * F.linear(h, w_up), w_down)
         return F.linear(_rms_norm(x, lm.norm)[:, 0], self.model.lm_head.weight)
 
     def _cpu_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: int) -> torch.Tensor:
@@ -232,19 +233,36 @@ class TextDecoder:
             x = x + linear(self.act(gate) * up, down)
         return linear(F.rms_norm(x, x.shape[-1:], lm.norm.weight, lm.norm.variance_epsilon), self.packed_head)
 
+    def _read_weights(self) -> None:
+        """Each layer's (q, k, v, o, gate, up, down) weights as the step reads them, per rollout: the parameters
+        themselves, or under LoRA the adapters folded in (`lora.merged_weight`, W + scale·B·A, computed once here
+        instead of two extra products per layer and token). Merged weights are copied into the tensors of the first
+        rollout, whose addresses the CUDA graphs hold."""
+        fresh = []
+        for layer in self.lm.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            fresh.append(tuple(merged_weight(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                                          mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
+        if self.weights is None:
+            self.weights = fresh
+            return
+        for held, new in zip(self.weights, fresh):
+            for old, value in zip(held, new):
+                if old is not value:
+                    old.copy_(value)
+
     def _pack_weights(self) -> None:
         """The decode's weights packed for oneDNN's matrix products (1.5–2× MKL's at a few rows on the 2-core CPU,
         4–7× for a 151,936-token lm_head), q/k/v and gate/up concatenated: per rollout, as the weights change with
         every optimizer step."""
         self.packed = []
-        for layer in self.lm.layers:
-            attn, mlp = layer.self_attn, layer.mlp
+        for layer, (wq, wk, wv, wo, w_gate, w_up, w_down) in zip(self.lm.layers, self.weights):
+            attn = layer.self_attn
             biased = attn.q_proj.bias is not None  # Qwen2.5-VL's q/k/v have biases, Qwen3-VL's none
             self.packed.append((
-                _pack(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
+                _pack(torch.cat([wq, wk, wv])),
                 torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]) if biased else None,
-                _pack(attn.o_proj.weight),
-                _pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])), _pack(mlp.down_proj.weight)))
+                _pack(wo), _pack(torch.cat([w_gate, w_up])), _pack(w_down)))
         self.packed_head = _pack(self.model.lm_head.weight)
 
     def _normalize_qk(self, projected: torch.Tensor, attn) -> None:

@@ -158,6 +158,26 @@ def main(out_path: str, work: str) -> None:
     v["keyed_16x8_rows"] = rollout.generate(many, SamplingParams(8, 1.0, 1.0, 4, seed=1),
                                             prompt_keys=list(range(16))).response_ids.shape[0]
 
+    # LoRA: the adapters (nonzero, on the language model and the vision tower) are folded into the pushed weights
+    # under the plain layers' names; the engine then generates what HF generate does on the adapted module
+    import copy
+    from papo_engine import lora
+    from papo_engine.config import LoraSettings
+    adapted = lora.apply_lora(copy.deepcopy(model), LoraSettings(rank=4, vision_target_modules=["qkv"]), model_dir)
+    generator = torch.Generator().manual_seed(5)
+    for name, param in adapted.named_parameters():
+        if ".lora_B." in name:
+            param.data.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    pushed_names = [name for bucket in iter_weight_buckets(adapted, 0, 48 * 1024) for name, _ in bucket]
+    v["lora_push_names_are_the_checkpoints"] = sorted(pushed_names) == sorted(
+        name for bucket in iter_weight_buckets(model, 0, 48 * 1024) for name, _ in bucket)
+    rollout.sync_weights(iter_weight_buckets(adapted, 0, 48 * 1024))
+    lora_out = rollout.generate(prompts, greedy)
+    v["lora_push_changed_outputs"] = not torch.equal(lora_out.response_ids, base.response_ids)
+    v["lora_pushed_equals_hf"] = torch.equal(
+        lora_out.response_ids, HFRollout(adapted, tokenizer, 64).generate(prompts, greedy).response_ids)
+    v["lora_sync_check"] = rollout.sync_check(prompts, adapted)
+
     # push the checkpoint's weights back: the first outputs return exactly
     rollout.sync_weights(iter_weight_buckets(model, 0, 48 * 1024))
     restored = rollout.generate(prompts, greedy)
