@@ -429,8 +429,26 @@ def main() -> None:
     write(report, stem)
 
 
+TRAIN_EVERY = 10  # the committed JSON keeps every 10th step's training metrics (the summary saw every step)
+
+
+def compact(report: dict) -> dict:
+    """The report as committed (under ~1 MB): per run of more than 100 steps, the training metrics of every
+    TRAIN_EVERY-th step and of every broken-format step, and its median step times; the summary was computed from
+    every step before (`--merge` of compacted files recounts from the kept rows)."""
+    runs = []
+    for run in report["runs"]:
+        broken = set(broken_steps(run))
+        kept = [row for row in run["train"] if row["step"] % TRAIN_EVERY == 0 or row["step"] in broken
+                or len(run["train"]) <= 100]  # short runs (smoke tests, the early phase) keep every step
+        timing = step_seconds(run) if all("time/update" in row for row in run["train"]) else None
+        runs.append({**run, "train": kept, "train_rows_kept": f"every {TRAIN_EVERY}th step and the broken-format "
+                     f"ones, of {len(run['train'])}", **({"median_step_seconds": timing} if timing else {})})
+    return {**report, "runs": runs}
+
+
 def write(report: dict, stem: Path) -> None:
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    stem.with_suffix(".json").write_text(json.dumps(compact(report), indent=1))
     stem.with_suffix(".md").write_text(table(report))
     plot(report, stem.with_suffix(".png"))
     print(table(report))

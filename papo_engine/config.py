@@ -170,7 +170,9 @@ class AlgoConfig:
     eta_orig: float = _f(0.0, low=0.0, help="entropy weight, original-image branch")
     eta_mask: float = _f(0.0, low=0.0, help="entropy weight, masked-image branch")
     entropy_form: str = _f("nll", choices=["nll", "full"])
-    masked_grad: bool = _f(True, help="gradient through the masked branch (false = authors' computation)")
+    masked_grad: bool = _f(False, help="gradient through the masked branch too (true); false = the masked branch's "
+                                       "log-probs as no-grad constants (the authors' computation; the default since the "
+                                       "hint-task study, docs/fidelity.md)")
     official: bool = _f(False, help="reproduce the authors' computation exactly")
     dynamic_sampling: bool = _f(False, help="DAPO: drop uninformative groups, regenerate")
     dynamic_sampling_metric: str = _f("reward", choices=["reward", "accuracy"],

@@ -141,7 +141,9 @@ def make_inputs(B=5, T=7, seed=0, dtype=torch.float64, hit_clamps=False, require
 
 
 def cfg_of(**kw) -> AlgoConfig:
-    return dataclasses.replace(AlgoConfig(), **kw)
+    """The algorithm settings with `kw`; the gradient through the masked branch unless `kw` says otherwise (these
+    tests check that path, the default until 2026-12-07; masked_grad=false is tested where it is passed)."""
+    return dataclasses.replace(AlgoConfig(), **{"masked_grad": True, **kw})
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -116,11 +116,11 @@ def test_official_refuses_each_conflicting_setting_by_name():
 
 
 def test_official_refusal_names_every_conflict_on_the_defaults():
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError) as err:  # the default's masked_grad=false is already the authors'
         load_config(None, ["algo.official=true"])
     assert str(err.value) == (
-        "algo.official=true conflicts with algo.perception_kl_clamp=0.2 (authors: null), algo.masked_grad=true "
-        "(authors: false), mask.space=grid (authors: raw), optim.lr_schedule=cosine (authors: constant), "
+        "algo.official=true conflicts with algo.perception_kl_clamp=0.2 (authors: null), "
+        "mask.space=grid (authors: raw), optim.lr_schedule=cosine (authors: constant), "
         "optim.betas=[0.9, 0.99] (authors: [0.9, 0.999]) (the authors' computation); set those values or "
         "algo.official=false")
 

@@ -30,7 +30,7 @@ SMALL = ["trainer.steps=3", "warmup.steps=2", "trainer.prompts_per_step=4", "rol
          "trainer.micro_batch_size=8", "rollout.max_new_tokens=8", "trainer.eval_samples=1", "trainer.save_every=0",
          "trainer.save_final=false", "logging.wandb=false", "logging.plot=false",
          f"reward.function={__name__}.parity_reward"]
-MODES = {"grpo": ["algo.gamma=0"], "papo": [], "official": official_overrides()}
+MODES = {"grpo": ["algo.gamma=0"], "papo": ["algo.masked_grad=true"], "official": official_overrides()}  # papo: both branches
 # no gradient through the masked branch, outside `official`: full entropies of both branches in the loss
 MASKED_NO_GRAD = {"official": official_overrides(),
                   "masked_grad_false": ["algo.masked_grad=false", "algo.entropy_form=full", "algo.eta_orig=0.05",

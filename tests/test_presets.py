@@ -120,6 +120,11 @@ PER_SCRIPT = {
                            "algo.dynamic_sampling": False, "algo.official": True, "algo.masked_grad": False,
                            "algo.perception_kl_clamp": None},
 }
+# every PAPO preset takes the masked branch's log-probs as no-grad constants, the authors' computation (the hint-task
+# study found no effect of the gradient through it beyond the seeds' spread: docs/fidelity.md)
+for _preset in ("papo_g_3b", "papo_g_7b", "papo_g_3b_no_ref_kl", "papo_g_7b_no_ref_kl", "papo_d_3b", "papo_d_7b",
+                "papo_g_qwen3vl_2b", "papo_g_qwen35_4b"):
+    PER_SCRIPT[_preset]["algo.masked_grad"] = False
 WHERE = {"algo.dynamic_sampling_metric": "script algorithm.filter_key=accuracy (filter_low 0.01, filter_high 0.99)",
          "algo.dynamic_sampling_max_rounds": "config trainer.max_try_make_batch",
          "algo.dynamic_sampling": "script algorithm.online_filtering",
