@@ -117,8 +117,10 @@ def _export_adapters(checkpoint: Path, out_dir: Path, state: dict, saved: dict, 
         lora.write_adapter(out_dir, lora.adapter_state_dict(adapters), settings, lora.target_pattern(settings), base)
         return
     model = family.model_class.from_pretrained(base, dtype=DTYPES[saved["model"]["dtype"]])
-    base_state = {f"{name.rsplit('.', 1)[0]}.base_layer.{name.rsplit('.', 1)[1]}"
-                  if f"{name.rsplit('.', 1)[0]}.lora_A.{lora.ADAPTER}.weight" in adapters else name: tensor
-                  for name, tensor in model.state_dict().items()}
-    save_model_folder(family, model.config, lora.merge_state_dict({**base_state, **adapters},
-                                                                  settings.alpha / settings.rank), out_dir)
+    state = model.state_dict()
+    suffix = f".lora_A.{lora.ADAPTER}.weight"
+    for owner in (name.removesuffix(suffix) for name in adapters if name.endswith(suffix)):
+        state[f"{owner}.weight"] = lora.fold(state[f"{owner}.weight"], adapters[owner + suffix],
+                                             adapters[f"{owner}.lora_B.{lora.ADAPTER}.weight"],
+                                             settings.alpha / settings.rank)
+    save_model_folder(family, model.config, state, out_dir)

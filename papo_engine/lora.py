@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import json
 import re
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -122,20 +121,19 @@ def adapted_layers(model) -> dict[str, torch.nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
-def has_adapters(model) -> bool:
-    return any(".lora_" in name for name, _ in model.named_parameters())
+def fold(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling·B·A, computed in float32, in W's dtype: a new tensor (W is not modified)."""
+    return (weight.float() + (lora_b.float() @ lora_a.float()) * scaling).to(weight.dtype)
 
 
 def merged_weight(layer) -> torch.Tensor:
-    """A linear layer's effective weight: W + scale·B·A for an active LoRA layer (a new tensor, in W's dtype),
-    else the layer's own weight (the parameter itself)."""
+    """A linear layer's effective weight: its adapter folded in (`fold`) for an active LoRA layer, else the layer's
+    own weight (the parameter itself)."""
     from peft.tuners.lora import LoraLayer
     if not isinstance(layer, LoraLayer) or layer.disable_adapters:
         return layer.weight
-    base = layer.base_layer.weight
-    a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-    delta = (b.float() @ a.float()) * layer.scaling[ADAPTER]
-    return (base.float() + delta).to(base.dtype) if base.dtype != torch.float32 else base + delta
+    return fold(layer.base_layer.weight, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight,
+                layer.scaling[ADAPTER])
 
 
 @contextmanager
@@ -240,9 +238,8 @@ def merge_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str
         if ".base_layer." in name:
             owner, kind = name.split(".base_layer.")
             if kind == "weight":
-                a = state[f"{owner}.lora_A.{ADAPTER}.weight"].float()
-                b = state[f"{owner}.lora_B.{ADAPTER}.weight"].float()
-                tensor = (tensor.float() + scaling * (b @ a)).to(tensor.dtype)
+                tensor = fold(tensor, state[f"{owner}.lora_A.{ADAPTER}.weight"],
+                              state[f"{owner}.lora_B.{ADAPTER}.weight"], scaling)
             name = f"{owner}.{kind}"
         out[name] = tensor
     return out
@@ -251,6 +248,3 @@ def merge_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str
 def settings_of(saved_config: dict) -> LoraSettings:
     return LoraSettings(**saved_config["model"].get("lora", {}))
 
-
-def adapter_json(path: Path) -> dict:
-    return json.loads((path / "adapter_config.json").read_text())
